@@ -1,0 +1,194 @@
+"""Starts every service of a config, each as its own process, and stops them together.
+
+    python launch.py [--service-config service_config.json]
+
+Storage starts first, then the supervisors, then the agents; each must be serving
+before the next starts. Every line a service prints comes out prefixed with its name
+(``[storage] Storage: 37/500 (463 remaining)``). Ctrl-C or SIGTERM stops them all; if
+one dies, the launcher says which and how, stops the rest and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from service_runtime import ConfigError, read_config_list, report_error
+
+if TYPE_CHECKING:
+    from farm_ng.core.event_service_pb2 import EventServiceConfig
+
+HERE = Path(__file__).resolve().parent
+# The script of each role, in start order; an entry's name says its role.
+ROLES = (("storage", "storage.py"), ("supervisor", "supervisor.py"), ("agent", "agent.py"))
+READY_TIMEOUT_S = 15.0
+STOP_TIMEOUT_S = 5.0
+
+
+def script_for(config: EventServiceConfig) -> str | None:
+    """The script that runs an entry, by its name's prefix; None if no role fits."""
+    for prefix, script in ROLES:
+        if config.name.startswith(prefix) and config.port:
+            return script
+    return None
+
+
+def start_order(configs: list[EventServiceConfig]) -> list[tuple[EventServiceConfig, str]]:
+    """The entries this example runs, storage first, then supervisors, then agents."""
+    rank = {script: index for index, (_, script) in enumerate(ROLES)}
+    runnable = [(config, script) for config in configs if (script := script_for(config)) is not None]
+    return sorted(runnable, key=lambda pair: rank[pair[1]])
+
+
+async def wait_serving(host: str, port: int, timeout: float) -> bool:
+    """Whether a gRPC server answers at host:port within ``timeout`` seconds."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    async with grpc.aio.insecure_channel(address) as channel:
+        try:
+            await asyncio.wait_for(channel.channel_ready(), timeout)
+        except asyncio.TimeoutError:
+            return False
+    return True
+
+
+class Launched:
+    """One service's process and the task that copies its output, prefixed."""
+
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.process = process
+        self.output = asyncio.ensure_future(self._copy_output())
+
+    async def _copy_output(self) -> None:
+        assert self.process.stdout is not None
+        prefix = f"[{self.name}] "
+        async for line in self.process.stdout:
+            sys.stdout.write(prefix + line.decode(errors="replace"))
+
+    def describe_exit(self) -> str:
+        """``exited with code 1`` or ``was killed by SIGKILL``."""
+        code = self.process.returncode
+        if code is not None and code < 0:
+            return f"was killed by {signal.Signals(-code).name}"
+        return f"exited with code {code}"
+
+
+class Launcher:
+    """Starts services in order and stops them together."""
+
+    def __init__(self, config_path: str) -> None:
+        self._config_path = config_path
+        self._running: list[Launched] = []
+
+    def say(self, line: str) -> None:
+        """Prints one line of the launcher's own."""
+        sys.stdout.write(f"[launch] {line}\n")
+
+    async def run(self) -> int:
+        """Runs the system until a signal or a service's death; returns the exit code."""
+        configs = list(read_config_list(self._config_path).configs)
+        plan = start_order(configs)
+        for config in configs:
+            if script_for(config) is None:
+                self.say(f"skipping {config.name!r}: not a service of this example (no port or unknown role)")
+        if not plan:
+            msg = f"{self._config_path} has no storage, supervisor or agent entry"
+            raise ConfigError(msg)
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            for config, script in plan:
+                if not await self.start(config, script, stopping):
+                    return 1 if not stop.is_set() else 0
+            self.say(f"all {len(plan)} services are serving; Ctrl-C stops them")
+            exits = {asyncio.ensure_future(launched.process.wait()): launched for launched in self._running}
+            done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
+            for finished in done - {stopping}:
+                launched = exits[finished]
+                await launched.output
+                self.say(f"{launched.name} {launched.describe_exit()}; stopping the others")
+                return 1
+            return 0
+        finally:
+            failed = await self.stop_all()
+            stopping.cancel()
+            if failed:
+                self.say(f"not stopped cleanly: {', '.join(failed)}")
+
+    async def start(self, config: EventServiceConfig, script: str, stopping: asyncio.Future[bool]) -> bool:
+        """Starts one service and waits until it serves; False if it died or timed out."""
+        self.say(f"starting {config.name}: python {script} --service-name {config.name}")
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            str(HERE / script),
+            "--service-config",
+            self._config_path,
+            "--service-name",
+            config.name,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            # Its own session: Ctrl-C reaches the launcher alone, which then stops the
+            # services in order instead of all at once.
+            start_new_session=True,
+        )
+        launched = Launched(config.name, process)
+        self._running.append(launched)
+        serving = asyncio.ensure_future(wait_serving(config.host, config.port, READY_TIMEOUT_S))
+        exited = asyncio.ensure_future(process.wait())
+        await asyncio.wait([serving, exited, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if exited.done():
+            serving.cancel()
+            await launched.output
+            self.say(f"{config.name} {launched.describe_exit()} before serving; stopping the others")
+            return False
+        exited.cancel()
+        if stopping.done():
+            serving.cancel()
+            return False
+        if not serving.result():
+            self.say(f"{config.name} is not serving on {config.host}:{config.port} after {READY_TIMEOUT_S:g} s")
+            return False
+        return True
+
+    async def stop_all(self) -> list[str]:
+        """Stops the services, agents first; returns those that did not exit 0."""
+        for launched in reversed(self._running):
+            if launched.process.returncode is None:
+                launched.process.terminate()
+        failed = []
+        for launched in reversed(self._running):
+            try:
+                await asyncio.wait_for(launched.process.wait(), STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                launched.process.kill()
+                await launched.process.wait()
+            await launched.output
+            if launched.process.returncode != 0:
+                failed.append(f"{launched.name} {launched.describe_exit()}")
+        return failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line and runs the launcher."""
+    parser = argparse.ArgumentParser(description="Start every service of the config; Ctrl-C stops them all.")
+    parser.add_argument("--service-config", default="service_config.json", help="the config to launch")
+    cli = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    try:
+        return asyncio.run(Launcher(cli.service_config).run())
+    except ConfigError as exc:
+        return report_error(exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

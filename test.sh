@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Sets up .venv (first time only) and runs the test suite; arguments go to pytest.
+#   ./test.sh                  the suite, in .venv
+#   ./test.sh --all-pythons    the suite on every supported Python found (3.8-3.12)
+set -euo pipefail
+cd "$(dirname "$0")"
+. ./env.sh
+if [ "${1:-}" != "--all-pythons" ]; then
+  ensure_venv .venv requirements-dev.txt
+  exec .venv/bin/python -m pytest "$@"
+fi
+shift
+# pyenv's shims answer for python3.X only when that version is selected.
+if command -v pyenv >/dev/null 2>&1; then
+  PYENV_VERSION=$(pyenv versions --bare | tr '\n' ':' | sed 's/:$//')
+  export PYENV_VERSION
+fi
+ran=() skipped=() failed=()
+for version in 3.8 3.9 3.10 3.11 3.12; do
+  if ! command -v "python$version" >/dev/null 2>&1; then
+    skipped+=("$version")
+    continue
+  fi
+  echo "=== Python $version" >&2
+  if ensure_venv ".venv-$version" requirements-dev.txt "python$version" &&
+    ".venv-$version/bin/python" -m pytest "$@"; then
+    ran+=("$version")
+  else
+    failed+=("$version")
+  fi
+done
+echo "Python versions passed: ${ran[*]:-none}; failed: ${failed[*]:-none}; not found: ${skipped[*]:-none}" >&2
+[ ${#failed[@]} -eq 0 ] && [ ${#ran[@]} -gt 0 ]

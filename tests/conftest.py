@@ -1,0 +1,210 @@
+"""Real services on free localhost ports, stopped after each test, their output shown on failure."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+STARTUP_TIMEOUT_S = 15.0
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on at this moment."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_config(directory: Path, changes: dict[str, dict[str, Any]] | None = None, name: str = "config.json") -> Path:
+    """A copy of service_config.json with free ports and ``changes`` per entry.
+
+    ``changes`` maps a service name to fields to replace (``{"storage": {"args":
+    [...]}}``); a value of None removes the entry.
+    """
+    configs = json.loads((ROOT / "service_config.json").read_text())["configs"]
+    changes = changes or {}
+    result = []
+    for original in configs:
+        entry = dict(original, port=free_port())
+        if entry["name"] in changes:
+            if changes[entry["name"]] is None:
+                continue
+            entry.update(changes[entry["name"]])
+        result.append(entry)
+    for name_, extra in changes.items():
+        if extra is not None and name_ not in {entry["name"] for entry in configs}:
+            result.append(dict({"name": name_, "host": "localhost", "port": free_port()}, **extra))
+    path = directory / name
+    path.write_text(json.dumps({"configs": result}, indent=2))
+    return path
+
+
+def port_of(config: Path, name: str) -> int:
+    """The port of one entry of a config file."""
+    return next(entry["port"] for entry in json.loads(config.read_text())["configs"] if entry["name"] == name)
+
+
+class Process:
+    """A process whose merged output is collected line by line as it comes."""
+
+    def __init__(self, label: str, argv: list[str], cwd: Path = ROOT) -> None:
+        self.label = label
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.popen = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    @property
+    def output(self) -> str:
+        """Everything it printed so far."""
+        with self._changed:
+            return "\n".join(self.lines)
+
+    def count(self, pattern: str) -> int:
+        """How many lines so far match ``pattern``."""
+        regex = re.compile(pattern)
+        with self._changed:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def matches(self, pattern: str, start: int = 0) -> list[re.Match[str]]:
+        """The matches of ``pattern`` in lines from index ``start`` on."""
+        regex = re.compile(pattern)
+        with self._changed:
+            return [m for m in (regex.search(line) for line in self.lines[start:]) if m]
+
+    def wait_for(self, pattern: str, timeout: float = 10.0, start: int = 0, count: int = 1) -> re.Match[str]:
+        """Waits until ``count`` lines from index ``start`` on match; returns the last.
+
+        Fails at once, with the output, if the process exits first.
+        """
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                found = [m for m in (regex.search(line) for line in self.lines[start:]) if m]
+                if len(found) >= count:
+                    return found[count - 1]
+                if self.popen.poll() is not None and not self._reader.is_alive():
+                    pytest.fail(
+                        f"{self.label} exited ({self.popen.returncode}) before printing {pattern!r}:\n{self.output}"
+                    )
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    pytest.fail(f"{self.label} did not print {pattern!r} within {timeout} s:\n{self.output}")
+                self._changed.wait(min(remaining, 0.2))
+
+    def signal(self, signum: int) -> None:
+        """Sends a signal if it still runs."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def wait_exit(self, timeout: float) -> int:
+        """Waits for it to exit; returns its exit code. Fails with the output if it does not."""
+        try:
+            code = self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.label} still running {timeout} s later:\n{self.output}")
+        self._reader.join(5)
+        return code
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a few seconds."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._reader.join(5)
+
+
+class Services:
+    """Starts scripts of this repo as processes; the fixture stops them all."""
+
+    def __init__(self) -> None:
+        self.started: list[Process] = []
+
+    def run(self, script: str, *args: str, label: str | None = None) -> Process:
+        """Starts ``python script args...`` in the repo."""
+        process = Process(label or script, [sys.executable, str(ROOT / script), *args])
+        self.started.append(process)
+        return process
+
+    def service(self, config: Path, name: str, wait: bool = True) -> Process:
+        """Starts the service ``name`` of ``config`` and waits until it serves."""
+        script = "storage.py" if name.startswith("storage") else f"{name.split('-', maxsplit=1)[0]}.py"
+        process = self.run(script, "--service-config", str(config), "--service-name", name, label=name)
+        if wait:
+            process.wait_for(rf"^{re.escape(name)} serving on ", STARTUP_TIMEOUT_S)
+        return process
+
+    def system(self, config: Path, order: list[str] | None = None) -> dict[str, Process]:
+        """Starts every service of ``config`` (README order unless given)."""
+        names = order or ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2", "agent-3"]
+        return {name: self.service(config, name) for name in names}
+
+    def stop_all(self) -> None:
+        """Stops every process started, last first."""
+        for process in reversed(self.started):
+            process.stop()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, f"report_{report.when}", report)
+
+
+@pytest.fixture
+def services(request: pytest.FixtureRequest) -> Iterator[Services]:
+    """Starts processes; stops them all after the test and shows their output if it failed."""
+    started = Services()
+    try:
+        yield started
+    finally:
+        started.stop_all()
+        report = getattr(request.node, "report_call", None)
+        if report is None or report.failed:
+            for process in started.started:
+                tail = "\n".join(process.lines[-60:])
+                print(f"----- {process.label} (exit {process.popen.returncode}), last lines:\n{tail}")
+
+
+@pytest.fixture
+def config_factory(tmp_path: Path) -> Callable[..., Path]:
+    """Writes configs with free ports: ``config_factory({"storage": {...}})``."""
+    counter = iter(range(1000))
+
+    def make(changes: dict[str, dict[str, Any]] | None = None) -> Path:
+        return write_config(tmp_path, changes, name=f"config-{next(counter)}.json")
+
+    return make

@@ -1,0 +1,145 @@
+"""Bad input: one line naming the problem, a non-zero exit, no traceback, no hang."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import Services, port_of, write_config
+
+
+def fails_with(services: Services, script: str, config: Path | str, name: str, *expected: str) -> str:
+    """Runs a script that must refuse its input; returns the one line it printed."""
+    process = services.run(script, "--service-config", str(config), "--service-name", name)
+    code = process.wait_exit(10)
+    lines = [line for line in process.lines if line.strip()]
+    assert code != 0, process.output
+    assert len(lines) == 1, process.output
+    assert "Traceback" not in process.output
+    assert lines[0].startswith("error: "), lines[0]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    return lines[0]
+
+
+def test_missing_config_file(services: Services, tmp_path: Path) -> None:
+    fails_with(services, "agent.py", tmp_path / "nope.json", "agent-1", "nope.json", "does not exist")
+
+
+def test_unreadable_config_file(services: Services, tmp_path: Path) -> None:
+    fails_with(services, "agent.py", tmp_path, "agent-1", "cannot read config file", str(tmp_path))
+
+
+def test_invalid_json(services: Services, tmp_path: Path) -> None:
+    path = tmp_path / "broken.json"
+    path.write_text('{"configs": [ {"name": "agent-1",, } ]}')
+    fails_with(services, "storage.py", path, "storage", "broken.json", "not valid JSON", "line 1")
+
+
+def test_not_a_config_list(services: Services, tmp_path: Path) -> None:
+    path = tmp_path / "other.json"
+    path.write_text('{"services": []}')
+    fails_with(services, "storage.py", path, "storage", "other.json", "not an EventServiceConfigList")
+
+
+def test_unknown_service_name(services: Services, tmp_path: Path) -> None:
+    fails_with(services, "agent.py", write_config(tmp_path), "agent-9", "'agent-9'", "agent-1")
+
+
+def entry_with(tmp_path: Path, name: str, **fields: Any) -> Path:
+    return write_config(tmp_path, {name: fields})
+
+
+@pytest.mark.parametrize(
+    ("script", "name", "args", "expected"),
+    [
+        ("agent.py", "agent-1", ["rate=5"], ["missing arg 'num_tasks'"]),
+        ("agent.py", "agent-1", ["rate=5", "num_tasks=2", "speed=3"], ["unknown arg 'speed'", "rate, num_tasks"]),
+        ("agent.py", "agent-1", ["rate", "num_tasks=2"], ["arg 'rate' is not of the form key=value"]),
+        ("agent.py", "agent-1", ["rate=fast", "num_tasks=2"], ["rate='fast' is not a number"]),
+        ("agent.py", "agent-1", ["rate=5", "num_tasks=2.5"], ["num_tasks='2.5' is not a whole number"]),
+        ("agent.py", "agent-1", ["rate=0", "num_tasks=2"], ["rate=0 must be > 0"]),
+        ("agent.py", "agent-1", ["rate=nan", "num_tasks=2"], ["rate='nan' is not a finite number"]),
+        ("agent.py", "agent-1", ["rate=5", "num_tasks=0"], ["num_tasks=0 must be > 0"]),
+        ("agent.py", "agent-1", ["rate=5", "rate=6", "num_tasks=1"], ["arg 'rate' is given twice"]),
+        ("supervisor.py", "supervisor-1", ["confidence=1.5"], ["confidence=1.5 must be in [0, 1]"]),
+        ("supervisor.py", "supervisor-1", ["confidence=-0.1"], ["confidence=-0.1 must be in [0, 1]"]),
+        ("supervisor.py", "supervisor-1", ["confidence=0.5", "max_in_flight=0"], ["max_in_flight=0 must be >= 1"]),
+        ("storage.py", "storage", ["max_storage=0", "batch_size=1"], ["max_storage=0 must be > 0"]),
+        (
+            "storage.py",
+            "storage",
+            ["max_storage=10", "batch_size=11"],
+            ["batch_size=11 must be in 1..max_storage (10)"],
+        ),
+        ("storage.py", "storage", ["max_storage=10", "batch_size=0"], ["batch_size=0 must be in 1..max_storage"]),
+    ],
+)
+def test_bad_args(
+    services: Services, tmp_path: Path, script: str, name: str, args: list[str], expected: list[str]
+) -> None:
+    line = fails_with(services, script, entry_with(tmp_path, name, args=args), name, *expected)
+    assert f"'{name}'" in line
+
+
+def test_port_out_of_range(services: Services, tmp_path: Path) -> None:
+    fails_with(services, "storage.py", entry_with(tmp_path, "storage", port=70000), "storage", "port 70000")
+
+
+def test_unresolvable_host(services: Services, tmp_path: Path) -> None:
+    config = entry_with(tmp_path, "storage", host="no-such-host.invalid")
+    fails_with(services, "storage.py", config, "storage", "no-such-host.invalid", "does not resolve")
+
+
+def test_port_in_use(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    port = port_of(config, "storage")
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", port))
+        squatter.listen()
+        fails_with(services, "storage.py", config, "storage", f"port {port}", "already in use")
+
+
+def test_port_in_use_by_a_running_service(services: Services, tmp_path: Path) -> None:
+    # gRPC sets SO_REUSEPORT by default: without care the second would start silently.
+    config = write_config(tmp_path)
+    first = services.service(config, "storage")
+    fails_with(services, "storage.py", config, "storage", f"port {port_of(config, 'storage')}", "already in use")
+    assert first.popen.poll() is None
+
+
+def test_subscription_to_unknown_service(services: Services, tmp_path: Path) -> None:
+    subscriptions = [{"uri": {"path": "/sample", "query": "service_name=agent-7"}, "every_n": 1}]
+    config = entry_with(tmp_path, "supervisor-1", subscriptions=subscriptions)
+    fails_with(services, "supervisor.py", config, "supervisor-1", "service_name=agent-7", "'agent-7' is not in")
+
+
+def test_subscription_to_other_path(services: Services, tmp_path: Path) -> None:
+    subscriptions = [{"uri": {"path": "/health", "query": "service_name=agent-1"}, "every_n": 1}]
+    config = entry_with(tmp_path, "supervisor-1", subscriptions=subscriptions)
+    fails_with(services, "supervisor.py", config, "supervisor-1", "/health", "must be /sample")
+
+
+def test_supervisor_without_storage(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"storage": None})
+    fails_with(services, "supervisor.py", config, "supervisor-1", "'storage' is not in")
+
+
+def test_missing_flag(services: Services) -> None:
+    process = services.run("agent.py", "--service-config", "service_config.json")
+    assert process.wait_exit(10) == 2
+    assert "--service-name" in process.output
+    assert "Traceback" not in process.output
+
+
+def test_unused_portless_entry_is_ignored(services: Services, tmp_path: Path) -> None:
+    # A recorder entry without a port, as farm-ng-core's recorder writes it, must not
+    # stop a supervisor: it builds clients only for the services it talks to.
+    config = write_config(tmp_path)
+    data = json.loads(config.read_text())
+    data["configs"].append({"name": "record_default", "host": "localhost", "port": 0})
+    config.write_text(json.dumps(data))
+    services.service(config, "supervisor-1")
