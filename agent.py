@@ -154,10 +154,15 @@ class Agent:
         if self._warned_slow:
             return
         self._warned_slow = True
+        wanted = self._args.rate * self._args.num_tasks
+        achieved = wanted * self.published / (self.published + self.missed_slots)
         self._service.logger.warning(
-            "cannot keep up with rate=%g x num_tasks=%d: skipping missed slots (see /stats missed_slots)",
+            "cannot keep up with rate=%g x num_tasks=%d: %.0f samples/s of %g so far; "
+            "skipping missed slots (counted in /stats missed_slots)",
             self._args.rate,
             self._args.num_tasks,
+            achieved,
+            wanted,
         )
 
     def stats(self) -> dict[str, Any]:
@@ -179,6 +184,7 @@ class Agent:
             figures["remainder"] = self.remainder
         if latencies:
             figures["latency_p50_ms"] = 1000 * percentile(latencies, 0.50)
+            figures["latency_p90_ms"] = 1000 * percentile(latencies, 0.90)
             figures["latency_p99_ms"] = 1000 * percentile(latencies, 0.99)
             figures["latency_count"] = len(latencies)
         return figures

@@ -124,10 +124,11 @@ class Launcher:
             stopping.cancel()
             if failed:
                 self.say(f"not stopped cleanly: {', '.join(failed)}")
+            elif self._running:
+                self.say(f"stopped all {len(self._running)} services")
 
     async def start(self, config: EventServiceConfig, script: str, stopping: asyncio.Future[bool]) -> bool:
         """Starts one service and waits until it serves; False if it died or timed out."""
-        self.say(f"starting {config.name}: python {script} --service-name {config.name}")
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             str(HERE / script),
@@ -140,6 +141,10 @@ class Launcher:
             # Its own session: Ctrl-C reaches the launcher alone, which then stops the
             # services in order instead of all at once.
             start_new_session=True,
+        )
+        self.say(
+            f"starting {config.name} (pid {process.pid}): "
+            f"python {script} --service-config {self._config_path} --service-name {config.name}"
         )
         launched = Launched(config.name, process)
         self._running.append(launched)

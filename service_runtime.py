@@ -539,9 +539,12 @@ class PeerClient(EventClient):
         while True:
             await self.channel.channel_ready()
             call = self.stub.subscribe(request)
+            first = True
             try:
                 async for reply in call:
-                    self.mark_up()
+                    if first:  # later messages may be old ones still buffered
+                        self.mark_up()
+                        first = False
                     reply.event.timestamps.append(get_monotonic_now(StampSemantics.CLIENT_RECEIVE))
                     payload = payload_to_protobuf(reply.event, reply.payload) if decode else reply.payload
                     yield reply.event, payload

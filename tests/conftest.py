@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -15,9 +16,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+from farm_ng.core.event_service_pb2 import EventServiceConfig, SubscribeRequest
+from farm_ng.core.uri_pb2 import Uri
+from google.protobuf.message import Message
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from service_runtime import PeerClient, find_service, read_config_list  # noqa: E402
 
 STARTUP_TIMEOUT_S = 15.0
 
@@ -208,3 +214,70 @@ def config_factory(tmp_path: Path) -> Callable[..., Path]:
         return write_config(tmp_path, changes, name=f"config-{next(counter)}.json")
 
     return make
+
+
+def service_config(config: Path, name: str) -> EventServiceConfig:
+    """One entry of a config file, as the services read it."""
+    return find_service(read_config_list(str(config)), name)
+
+
+def request(config: Path, name: str, path: str, message: Message, timestamps: list[Any] | None = None) -> Any:
+    """Sends one request/reply to a service of ``config``; returns the raw reply."""
+
+    async def call() -> Any:
+        client = PeerClient(service_config(config, name), "test")
+        try:
+            return await client.request_reply(path, message, timestamps=timestamps, timeout=5.0)
+        finally:
+            await client.close()
+
+    return asyncio.run(call())
+
+
+def requests(config: Path, name: str, path: str, messages: list[Message]) -> list[Any]:
+    """Sends requests to one service all at once; returns the replies, decoded."""
+
+    async def call() -> list[Any]:
+        client = PeerClient(service_config(config, name), "test")
+        try:
+            return await asyncio.gather(
+                *(client.request_reply(path, message, decode=True, timeout=5.0) for message in messages)
+            )
+        finally:
+            await client.close()
+
+    return asyncio.run(call())
+
+
+def collect(config: Path, name: str, path: str, count: int, timeout: float = 10.0) -> list[tuple[Any, Any]]:
+    """The first ``count`` (event, message) pairs a service publishes on ``path``."""
+
+    async def read() -> list[tuple[Any, Any]]:
+        client = PeerClient(service_config(config, name), "test")
+        request = SubscribeRequest(uri=Uri(path=path, query=f"service_name={name}"), every_n=1)
+        received: list[tuple[Any, Any]] = []
+        try:
+            async for event, message in client.subscribe(request, decode=True):
+                received.append((event, message))
+                if len(received) >= count:
+                    break
+        finally:
+            await client.close()
+        return received
+
+    async def bounded() -> list[tuple[Any, Any]]:
+        try:
+            return await asyncio.wait_for(read(), timeout)
+        except asyncio.TimeoutError:
+            pytest.fail(f"{name} did not publish {count} events on {path} within {timeout} s")
+
+    return asyncio.run(bounded())
+
+
+def stats(config: Path, name: str, timeout: float = 10.0, fresh: int = 2) -> dict[str, Any]:
+    """A service's ``/stats`` figures, the ``fresh``-th published after subscribing.
+
+    The first is latched and may be up to a second old.
+    """
+    _, message = collect(config, name, "/stats", fresh, timeout)[-1]
+    return dict(message)

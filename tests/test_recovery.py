@@ -1,0 +1,114 @@
+"""Start orders, restarts and outages: the system finds its way back to propagating."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Process, Services, write_config
+
+README_ORDER = ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2", "agent-3"]
+# Propagation through a restarted service must resume within this long of its return.
+RESUME_S = 5.0
+
+
+def assert_propagating(running: dict[str, Process], timeout: float = 10.0) -> None:
+    """Every agent hears a residual, and storage stores, from now on."""
+    for name, process in running.items():
+        if name.startswith("agent"):
+            process.wait_for(r"^Remainder: \d+$", timeout, start=len(process.lines))
+    storage = running["storage"]
+    storage.wait_for(r"^Storage: \d+/500 ", timeout, start=len(storage.lines))
+
+
+def assert_survived(running: dict[str, Process]) -> None:
+    for process in running.values():
+        assert process.popen.poll() is None, f"{process.label} exited:\n{process.output}"
+        assert "Traceback" not in process.output, process.output
+
+
+@pytest.mark.parametrize(
+    "order",
+    [README_ORDER, README_ORDER[::-1], ["supervisor-1", "supervisor-2", "storage", "agent-1", "agent-2", "agent-3"]],
+    ids=["readme", "reverse", "supervisors-first"],
+)
+def test_any_start_order(services: Services, tmp_path: Path, order: list[str]) -> None:
+    running = services.system(write_config(tmp_path), order)
+    assert_propagating(running)
+    assert_survived(running)
+
+
+def restart(services: Services, config: Path, running: dict[str, Process], name: str) -> Process:
+    """SIGKILLs a service, checks the others live on, starts it again."""
+    running[name].popen.kill()
+    running[name].wait_exit(5)
+    survivors = {other: process for other, process in running.items() if other != name}
+    assert_survived(survivors)
+    running[name] = services.service(config, name)
+    return running[name]
+
+
+def test_storage_restart(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    running = services.system(config)
+    assert_propagating(running)
+    supervisor = running["supervisor-1"]
+    restart(services, config, running, "storage")
+    supervisor.wait_for("storage is back", RESUME_S)
+    assert_propagating(running, RESUME_S)
+    assert supervisor.count("storage is unreachable") == 1
+
+
+def test_supervisor_restart(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    running = services.system(config)
+    assert_propagating(running)
+    restart(services, config, running, "supervisor-1")
+    for name in ("agent-1", "agent-2"):
+        running[name].wait_for(r"^Remainder: \d+$", RESUME_S, start=len(running[name].lines))
+    assert_survived(running)
+
+
+def test_agent_restart(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    running = services.system(config)
+    assert_propagating(running)
+    supervisor = running["supervisor-2"]
+    agent = restart(services, config, running, "agent-3")
+    agent.wait_for(r"^Remainder: \d+$", RESUME_S)
+    supervisor.wait_for("agent-3 is back", RESUME_S)
+    assert supervisor.count("agent-3 is unreachable") <= 1
+    assert_survived(running)
+
+
+def test_ctrl_c_of_an_agent_while_relaying(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"agent-3": {"args": ["rate=300", "num_tasks=1"]}})
+    running = services.system(config, ["storage", "supervisor-2", "agent-3"])
+    running["supervisor-2"].wait_for("Residual: value:", count=30)
+    running["agent-3"].signal(signal.SIGINT)
+    assert running["agent-3"].wait_exit(5) == 0
+    running["supervisor-2"].wait_for("agent-3 is unreachable")
+    assert_survived({"storage": running["storage"], "supervisor-2": running["supervisor-2"]})
+
+
+def test_peers_back_after_a_minute(services: Services, tmp_path: Path) -> None:
+    # gRPC's reconnect backoff grows to tens of seconds by default: a peer that returns
+    # after a minute would go unnoticed for that long.
+    config = write_config(tmp_path)
+    running = services.system(config)
+    assert_propagating(running)
+    for name in ("storage", "agent-3"):
+        running[name].popen.kill()
+        running[name].wait_exit(5)
+    supervisor = running["supervisor-1"]
+    supervisor.wait_for("storage is unreachable")
+    time.sleep(60)  # readiness-free: the outage itself, a minute with storage and agent-3 down
+    assert_survived({name: running[name] for name in ("supervisor-1", "supervisor-2", "agent-1", "agent-2")})
+    for name in ("storage", "agent-3"):
+        running[name] = services.service(config, name)
+    running["supervisor-2"].wait_for("agent-3 is back", RESUME_S)
+    assert_propagating(running, RESUME_S)
+    assert supervisor.count("storage is unreachable") == 1
+    assert supervisor.count("storage is back") == 1
