@@ -70,6 +70,9 @@ class Agent:
         self.missed_slots = 0
         self.residuals = 0
         self.stale_residuals = 0
+        self.resumes = 0
+        # Seconds from storage's drain to this agent resuming, when both share a clock.
+        self.resume_delays: deque[float] = deque(maxlen=100)
         self._latencies: deque[tuple[float, float]] = deque(maxlen=10_000)
         self._warned_slow = False
         service.add_request_reply_handler(self.on_request)
@@ -87,10 +90,11 @@ class Agent:
         self.residuals += 1
         self.remainder = message.value
         self._service.logger.info("Remainder: %d", self.remainder)
-        if self.remainder > 0:
-            self._may_publish.set()
-        else:
+        if self.remainder <= 0:
             self._may_publish.clear()
+        elif not self._may_publish.is_set():
+            self._may_publish.set()
+            self._note_resume(event)
         self._note_latency(event)
         return Empty()
 
@@ -109,6 +113,13 @@ class Agent:
             return True
         self._residual_time = stamp
         return False
+
+    def _note_resume(self, event: Event) -> None:
+        """Records how long after storage made room this agent resumed."""
+        self.resumes += 1
+        made_room = find_stamp(event, RESIDUAL_TIME)
+        if made_room is not None and made_room.clock_name == self._clock:
+            self.resume_delays.append(time.monotonic() - made_room.stamp)
 
     def _note_latency(self, event: Event) -> None:
         """Records how long ago the sample behind this residual was published."""
@@ -179,7 +190,11 @@ class Agent:
             "paused": not self._may_publish.is_set(),
             "residuals": self.residuals,
             "stale_residuals": self.stale_residuals,
+            "resumes": self.resumes,
         }
+        if self.resume_delays:
+            figures["resume_last_ms"] = 1000 * self.resume_delays[-1]
+            figures["resume_max_ms"] = 1000 * max(self.resume_delays)
         if self.remainder is not None:
             figures["remainder"] = self.remainder
         if latencies:

@@ -21,7 +21,6 @@ from farm_ng.core.event_service_pb2 import SubscribeRequest
 from farm_ng.core.events_file_reader import payload_to_protobuf
 from farm_ng.core.stamp import StampSemantics
 from farm_ng.core.uri_pb2 import Uri
-from google.protobuf import text_format
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
@@ -163,7 +162,8 @@ class Supervisor:
             self.counts["not_stored"] += 1
             return
         self.counts["refused" if find_stamp(reply.event, STORE_REFUSED) else "stored"] += 1
-        self._log.info("Residual: %s", text_format.MessageToString(residual, as_one_line=True))
+        # farm-ng's example prints str(residual), which is empty for 0: say "value: 0".
+        self._log.info("Residual: value: %d", residual.value)
         stamps = [stamp for stamp in (find_stamp(reply.event, RESIDUAL_TIME), published_stamp(sample_event)) if stamp]
         await self.send_residual(link, residual, stamps)
 

@@ -178,7 +178,9 @@ class Services:
         return {name: self.service(config, name) for name in names}
 
     def stop_all(self) -> None:
-        """Stops every process started, last first."""
+        """Stops every process started: all asked at once, then each waited for."""
+        for process in reversed(self.started):
+            process.signal(signal.SIGTERM)
         for process in reversed(self.started):
             process.stop()
 

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Process, Services, write_config
+from conftest import Process, Services, stats, write_config
 
 README_ORDER = ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2", "agent-3"]
 # Propagation through a restarted service must resume within this long of its return.
@@ -112,3 +112,32 @@ def test_peers_back_after_a_minute(services: Services, tmp_path: Path) -> None:
     assert_propagating(running, RESUME_S)
     assert supervisor.count("storage is unreachable") == 1
     assert supervisor.count("storage is back") == 1
+
+
+def test_storage_fills_and_drains_and_agents_resume(services: Services, tmp_path: Path) -> None:
+    # Agents offer far more than storage drains: it fills within a second, again and
+    # again, and every agent that paused at 0 must start again after each drain.
+    config = write_config(
+        tmp_path,
+        {
+            "storage": {"args": ["max_storage=20", "batch_size=10"]},
+            "agent-2": {"args": ["rate=50", "num_tasks=5"]},
+            "agent-3": {"args": ["rate=300", "num_tasks=1"]},
+        },
+    )
+    running = services.system(config)
+    storage = running["storage"]
+    storage.wait_for(r"^Removed from storage: 10/20$", timeout=40, count=150)  # 15 s of drains
+    for name in ("agent-2", "agent-3"):
+        remainders = [int(m.group(1)) for m in running[name].matches(r"^Remainder: (-?\d+)$")]
+        pauses = sum(1 for before, now in zip([1, *remainders], remainders) if before > 0 >= now)
+        figures = stats(config, name)  # after the count: it has seen every pause counted
+        assert pauses >= 5, (name, remainders)
+        # Resumed after every pause, but perhaps the one under way.
+        assert figures["resumes"] >= pauses - 1, (name, pauses, figures)
+    counts = [int(m.group(1)) for m in storage.matches(r"^Storage: (\d+)/20 ")]
+    assert counts and min(counts) >= 0 and max(counts) <= 20
+    assert storage.count(r"^Storage full: 20/20, store refused") >= 1
+    # Still storing at the end: nothing froze.
+    storage.wait_for(r"^Storage: \d+/20 ", timeout=5, start=len(storage.lines))
+    assert_survived(running)

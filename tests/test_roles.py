@@ -169,3 +169,12 @@ def test_agent_never_applies_an_older_residual(services: Services, tmp_path: Pat
     assert (figures["remainder"], figures["stale_residuals"], figures["paused"]) == (4, 1, False)
     residual_at(9, None)  # farm-ng's original supervisor sends no stamp: always applied
     agent.wait_for(r"^Remainder: 9$")
+
+
+def test_agent_sequence_numbers_are_unique_and_increasing(services: Services, tmp_path: Path) -> None:
+    # farm-ng-core reads and bumps its counter around an await: ten tasks publishing
+    # at once would share numbers unless the agent serializes its publishes.
+    config = write_config(tmp_path, {"agent-1": {"args": ["rate=100", "num_tasks=10"], "log_level": "WARNING"}})
+    services.service(config, "agent-1", wait=False)
+    sequences = [event.sequence for event, _ in collect(config, "agent-1", "/sample", 500)]
+    assert all(earlier < later for earlier, later in zip(sequences, sequences[1:])), sequences
