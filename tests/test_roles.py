@@ -5,13 +5,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import grpc
-from conftest import Services, collect, request, requests, service_config, stats, write_config
-from farm_ng.core.event_pb2 import Event
-from farm_ng.core.event_service import EventServiceGrpc
+from conftest import Services, collect, request, requests, stats, write_config
+from fakes import PlainAgent
 from farm_ng.core.timestamp_pb2 import Timestamp
 from google.protobuf.empty_pb2 import Empty
-from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from service_runtime import RESIDUAL_TIME, SAMPLE_PUBLISHED, find_stamp
@@ -74,38 +71,10 @@ def test_agent_ignores_other_paths_and_types(services: Services, tmp_path: Path)
     assert stats(config, "agent-3")["paused"] is False
 
 
-class FakeAgent:
-    """An agent played by the test: publishes chosen samples, records residuals."""
-
-    def __init__(self, config: Path, name: str) -> None:
-        self.service = EventServiceGrpc(grpc.aio.server(), service_config(config, name))
-        self.residuals: list[tuple[Event, Int32Value]] = []
-        self.service.add_request_reply_handler(self.on_request)
-
-    async def on_request(self, event: Event, message: Int32Value) -> Empty:
-        self.residuals.append((event, message))
-        return Empty()
-
-    async def start(self) -> None:
-        config = self.service.config
-        self.service.server.add_insecure_port(f"{config.host}:{config.port}")
-        await self.service.server.start()
-
-    async def publish(self, values: list[float]) -> dict[float, float]:
-        """Publishes samples once the supervisor listens; returns send stamp -> value."""
-        while (await self.service.publish("/sample", sample(0.0))).number_clients == 0:
-            await asyncio.sleep(0.05)  # readiness-free: polls the subscriber count, bounded by the caller
-        sent = {}
-        for value in values:
-            await self.service.publish("/sample", sample(value))
-            sent[self.service.metrics.stamps_buffer["/sample"][-1]] = value
-        return sent
-
-
-def sample(value: float) -> Struct:
-    message = Struct()
-    message.update({"sample": value, "task_id": 0})
-    return message
+def relayed_sample_stamps(agent: PlainAgent) -> list[float]:
+    """The publish stamps of the samples whose residuals reached ``agent``."""
+    stamps = (find_stamp(event, SAMPLE_PUBLISHED) for event, _ in agent.residuals)
+    return [stamp.stamp for stamp in stamps if stamp is not None]
 
 
 def test_supervisor_relays_samples_above_confidence_to_their_agent(services: Services, tmp_path: Path) -> None:
@@ -115,22 +84,16 @@ def test_supervisor_relays_samples_above_confidence_to_their_agent(services: Ser
     plan = {"agent-1": [0.1, 0.7, 0.3, 0.9, 0.61, 0.6], "agent-2": [0.65, 0.2, 0.95]}
 
     async def scenario() -> dict[str, tuple[dict[float, float], list[float]]]:
-        agents = {name: FakeAgent(config, name) for name in plan}
-        for agent in agents.values():
-            await agent.start()
-        sent = {name: await agents[name].publish(values) for name, values in plan.items()}
-        expected = sum(value > 0.6 for values in plan.values() for value in values)
-        heard: dict[str, list[float]] = {}
-        for _ in range(100):  # up to 10 s
-            heard = {
-                name: [stamp.stamp for event, _ in agent.residuals if (stamp := find_stamp(event, SAMPLE_PUBLISHED))]
-                for name, agent in agents.items()
-            }
-            if sum(map(len, heard.values())) >= expected:
-                break
-            await asyncio.sleep(0.1)  # readiness-free: polls what the fake agents heard
-        for agent in agents.values():
-            await agent.service.server.stop(0)
+        async with PlainAgent(config, "agent-1") as agent_1, PlainAgent(config, "agent-2") as agent_2:
+            agents = {"agent-1": agent_1, "agent-2": agent_2}
+            sent = {name: await asyncio.wait_for(agents[name].publish(values), 10) for name, values in plan.items()}
+            expected = sum(value > 0.6 for values in plan.values() for value in values)
+            heard: dict[str, list[float]] = {}
+            for _ in range(100):  # up to 10 s
+                heard = {name: relayed_sample_stamps(agent) for name, agent in agents.items()}
+                if sum(map(len, heard.values())) >= expected:
+                    break
+                await asyncio.sleep(0.1)  # readiness-free: polls what the agents heard, 100 times at most
         return {name: (sent[name], heard[name]) for name in plan}
 
     for name, (sent, heard) in asyncio.run(scenario()).items():

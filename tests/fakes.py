@@ -1,0 +1,110 @@
+"""Peers played by the test process, written from the example's original contract.
+
+They use farm-ng-core as farm-ng's own example scripts do: plain ``EventServiceGrpc``
+and ``EventClient``, no extra paths or timestamps. Our scripts must work beside them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import grpc
+from conftest import service_config
+from farm_ng.core.event_client import EventClient
+from farm_ng.core.event_pb2 import Event
+from farm_ng.core.event_service import EventServiceGrpc
+from farm_ng.core.event_service_pb2 import EventServiceConfigList
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.wrappers_pb2 import Int32Value
+
+from service_runtime import read_config_list
+
+
+class PlainService:
+    """An ``EventServiceGrpc`` on its config entry's port, started and stopped by the test."""
+
+    def __init__(self, config: Path, name: str) -> None:
+        self.service = EventServiceGrpc(grpc.aio.server(), service_config(config, name))
+        self.service.add_request_reply_handler(self.on_request)
+
+    async def on_request(self, event: Event, message: Message) -> Message:
+        return Empty()
+
+    async def __aenter__(self) -> PlainService:
+        config = self.service.config
+        self.service.server.add_insecure_port(f"{config.host}:{config.port}")
+        await self.service.server.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.service.server.stop(0)
+
+
+class PlainAgent(PlainService):
+    """Publishes chosen samples on ``/sample``; records the residuals it is sent."""
+
+    def __init__(self, config: Path, name: str) -> None:
+        super().__init__(config, name)
+        self.residuals: list[tuple[Event, Int32Value]] = []
+
+    async def on_request(self, event: Event, message: Message) -> Message:
+        if event.uri.path == "/update_residual" and isinstance(message, Int32Value):
+            self.residuals.append((event, message))
+        return Empty()
+
+    async def publish(self, values: list[float]) -> dict[float, float]:
+        """Publishes once a subscriber listens; returns each sample's send stamp -> value."""
+        while (await self.service.publish("/sample", sample(0.0))).number_clients == 0:
+            await asyncio.sleep(0.05)  # readiness-free: polls the subscriber count; callers bound the wait
+        sent = {}
+        for value in values:
+            await self.service.publish("/sample", sample(value))
+            sent[self.service.metrics.stamps_buffer["/sample"][-1]] = value
+        return sent
+
+
+class PlainStorage(PlainService):
+    """Counts stores and replies the residual; no ``/residual``, no stamps, no cap."""
+
+    def __init__(self, config: Path, name: str, max_storage: int) -> None:
+        super().__init__(config, name)
+        self.max_storage = max_storage
+        self.count = 0
+
+    async def on_request(self, event: Event, message: Message) -> Message:
+        if event.uri.path == "/update_storage":
+            self.count += 1
+            return Int32Value(value=self.max_storage - self.count)
+        return Empty()
+
+
+def sample(value: float) -> Struct:
+    """A sample as agents publish it."""
+    message = Struct()
+    message.update({"sample": value, "task_id": 0})
+    return message
+
+
+async def plain_supervisor(config: Path, name: str, confidence: float) -> None:
+    """A supervisor as the original contract describes it, until cancelled.
+
+    An ``EventClient`` for every other entry, a subscription per entry of its own
+    ``subscriptions``; each sample above confidence is stored and the decoded residual
+    sent to the agent that published it.
+    """
+    config_list: EventServiceConfigList = read_config_list(str(config))
+    clients = {entry.name: EventClient(entry) for entry in config_list.configs if entry.name != name}
+
+    async def relay(subscription: object) -> None:
+        agent = clients[parse_qs(subscription.uri.query)["service_name"][0]]  # type: ignore[attr-defined]
+        async for _, message in agent.subscribe(subscription, decode=True):  # type: ignore[arg-type]
+            if message["sample"] > confidence:
+                residual = await clients["storage"].request_reply("/update_storage", Empty(), decode=True)
+                await agent.request_reply("/update_residual", residual)
+
+    own = next(entry for entry in config_list.configs if entry.name == name)
+    await asyncio.gather(*(relay(subscription) for subscription in own.subscriptions))
