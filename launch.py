@@ -15,7 +15,7 @@ import asyncio
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
@@ -60,16 +60,17 @@ async def wait_serving(host: str, port: int, timeout: float) -> bool:
 class Launched:
     """One service's process and the task that copies its output, prefixed."""
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+    def __init__(self, name: str, process: asyncio.subprocess.Process, out: TextIO) -> None:
         self.name = name
         self.process = process
+        self._out = out
         self.output = asyncio.ensure_future(self._copy_output())
 
     async def _copy_output(self) -> None:
         assert self.process.stdout is not None
         prefix = f"[{self.name}] "
         async for line in self.process.stdout:
-            sys.stdout.write(prefix + line.decode(errors="replace"))
+            self._out.write(prefix + line.decode(errors="replace"))
 
     def describe_exit(self) -> str:
         """``exited with code 1`` or ``was killed by SIGKILL``."""
@@ -82,50 +83,91 @@ class Launched:
 class Launcher:
     """Starts services in order and stops them together."""
 
-    def __init__(self, config_path: str) -> None:
+    def __init__(self, config_path: str, monitor_log: str | None = None) -> None:
+        """Prepares to launch ``config_path``.
+
+        Args:
+            config_path: The config whose services to start.
+            monitor_log: If given, the services' output goes to this file and the
+                monitor takes the terminal.
+
+        """
         self._config_path = config_path
+        self._monitor_log = monitor_log
+        self._out: TextIO = sys.stdout
         self._running: list[Launched] = []
+        self._monitor: asyncio.subprocess.Process | None = None
 
     def say(self, line: str) -> None:
         """Prints one line of the launcher's own."""
-        sys.stdout.write(f"[launch] {line}\n")
+        line = f"[launch] {line}\n"
+        self._out.write(line)
+        if self._out is not sys.stdout and self._monitor is None:  # the monitor owns the terminal
+            sys.stdout.write(line)
 
     async def run(self) -> int:
         """Runs the system until a signal or a service's death; returns the exit code."""
-        configs = list(read_config_list(self._config_path).configs)
-        plan = start_order(configs)
-        for config in configs:
-            if script_for(config) is None:
-                self.say(f"skipping {config.name!r}: not a service of this example (no port or unknown role)")
-        if not plan:
-            msg = f"{self._config_path} has no storage, supervisor or agent entry"
-            raise ConfigError(msg)
-
+        plan = self.plan()
+        if self._monitor_log is not None:
+            self._out = open(self._monitor_log, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            for config, script in plan:
-                if not await self.start(config, script, stopping):
-                    return 1 if not stop.is_set() else 0
-            self.say(f"all {len(plan)} services are serving; Ctrl-C stops them")
-            exits = {asyncio.ensure_future(launched.process.wait()): launched for launched in self._running}
-            done, _ = await asyncio.wait([stopping, *exits], return_when=asyncio.FIRST_COMPLETED)
-            for finished in done - {stopping}:
-                launched = exits[finished]
-                await launched.output
-                self.say(f"{launched.name} {launched.describe_exit()}; stopping the others")
-                return 1
-            return 0
+            return await self.run_plan(plan, stopping)
         finally:
-            failed = await self.stop_all()
             stopping.cancel()
-            if failed:
-                self.say(f"not stopped cleanly: {', '.join(failed)}")
-            elif self._running:
-                self.say(f"stopped all {len(self._running)} services")
+            await self.shut_down()
+
+    def plan(self) -> list[tuple[EventServiceConfig, str]]:
+        """The entries to start, in order, each with its script.
+
+        Raises:
+            ConfigError: the config is unreadable or has nothing to start.
+        """
+        configs = list(read_config_list(self._config_path).configs)
+        for config in configs:
+            if script_for(config) is None:
+                self.say(f"skipping {config.name!r}: not a service of this example (no port or unknown role)")
+        plan = start_order(configs)
+        if not plan:
+            msg = f"{self._config_path} has no storage, supervisor or agent entry"
+            raise ConfigError(msg)
+        return plan
+
+    async def run_plan(self, plan: list[tuple[EventServiceConfig, str]], stopping: asyncio.Future[bool]) -> int:
+        """Starts each service in turn, then waits for a signal, a death or the monitor's exit."""
+        for config, script in plan:
+            if not await self.start(config, script, stopping):
+                return 0 if stopping.done() else 1
+        self.say(f"all {len(plan)} services are serving; Ctrl-C stops them")
+        exits = {asyncio.ensure_future(launched.process.wait()): launched for launched in self._running}
+        watched: list[asyncio.Future[Any]] = [stopping, *exits]
+        monitor = await self.start_monitor() if self._monitor_log is not None else None
+        if monitor is not None:
+            watched.append(monitor)
+        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        for finished in done & exits.keys():
+            launched = exits[finished]
+            await launched.output
+            self.say(f"{launched.name} {launched.describe_exit()}; stopping the others")
+            return 1
+        if monitor is not None and monitor in done:
+            return monitor.result()
+        return 0
+
+    async def shut_down(self) -> None:
+        """Stops everything started and says how that went."""
+        failed = await self.stop_all()
+        self._monitor = None
+        if failed:
+            self.say(f"not stopped cleanly: {', '.join(failed)}")
+        elif self._running:
+            self.say(f"stopped all {len(self._running)} services")
+        if self._out is not sys.stdout:
+            self._out.close()
 
     async def start(self, config: EventServiceConfig, script: str, stopping: asyncio.Future[bool]) -> bool:
         """Starts one service and waits until it serves; False if it died or timed out."""
@@ -146,7 +188,7 @@ class Launcher:
             f"starting {config.name} (pid {process.pid}): "
             f"python {script} --service-config {self._config_path} --service-name {config.name}"
         )
-        launched = Launched(config.name, process)
+        launched = Launched(config.name, process, self._out)
         self._running.append(launched)
         serving = asyncio.ensure_future(wait_serving(config.host, config.port, READY_TIMEOUT_S))
         exited = asyncio.ensure_future(process.wait())
@@ -165,8 +207,19 @@ class Launcher:
             return False
         return True
 
+    async def start_monitor(self) -> asyncio.Future[int]:
+        """Runs the monitor in the terminal; returns a future of its exit code."""
+        self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
+        self._monitor = await asyncio.create_subprocess_exec(
+            sys.executable, str(HERE / "monitor.py"), "--service-config", self._config_path
+        )
+        return asyncio.ensure_future(self._monitor.wait())
+
     async def stop_all(self) -> list[str]:
-        """Stops the services, agents first; returns those that did not exit 0."""
+        """Stops the monitor and the services, agents first; returns those that did not exit 0."""
+        if self._monitor is not None and self._monitor.returncode is None:
+            self._monitor.terminate()
+            await self._monitor.wait()
         for launched in reversed(self._running):
             if launched.process.returncode is None:
                 launched.process.terminate()
@@ -187,10 +240,17 @@ def main(argv: list[str] | None = None) -> int:
     """Parses the command line and runs the launcher."""
     parser = argparse.ArgumentParser(description="Start every service of the config; Ctrl-C stops them all.")
     parser.add_argument("--service-config", default="service_config.json", help="the config to launch")
+    parser.add_argument(
+        "--monitor",
+        nargs="?",
+        const="launch.log",
+        metavar="LOG",
+        help="show the live monitor instead of the logs, which go to LOG (default launch.log)",
+    )
     cli = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
     try:
-        return asyncio.run(Launcher(cli.service_config).run())
+        return asyncio.run(Launcher(cli.service_config, cli.monitor).run())
     except ConfigError as exc:
         return report_error(exc)
 
