@@ -331,6 +331,9 @@ def check_port_free(host: str, port: int) -> None:
         raise ConfigError(msg) from None
     for family, kind, proto, _, sockaddr in infos:
         with socket.socket(family, kind, proto) as probe:
+            # As gRPC does: connections of a stopped server in TIME_WAIT must not
+            # block a restart, while a live listener still does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6:
                 probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             try:

@@ -83,6 +83,19 @@ def test_agent_restart(services: Services, tmp_path: Path) -> None:
     assert_survived(running)
 
 
+def test_storage_stopped_and_started_again_at_once(services: Services, tmp_path: Path) -> None:
+    # A graceful stop leaves the supervisors' connections in TIME_WAIT: the port must
+    # still be usable at once.
+    config = write_config(tmp_path)
+    running = services.system(config, ["storage", "supervisor-2", "agent-3"])
+    running["supervisor-2"].wait_for("Residual: value:", count=5)
+    running["storage"].signal(signal.SIGTERM)
+    assert running["storage"].wait_exit(5) == 0
+    running["storage"] = services.service(config, "storage")
+    running["storage"].wait_for(r"^Storage: 1/500 ", RESUME_S)
+    assert_survived(running)
+
+
 def test_ctrl_c_of_an_agent_while_relaying(services: Services, tmp_path: Path) -> None:
     config = write_config(tmp_path, {"agent-3": {"args": ["rate=300", "num_tasks=1"]}})
     running = services.system(config, ["storage", "supervisor-2", "agent-3"])
