@@ -19,31 +19,21 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
-from service_runtime import ConfigError, read_config_list, report_error
+from service_runtime import ROLES, ConfigError, read_config_list, report_error, role_of
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
 
 HERE = Path(__file__).resolve().parent
-# The script of each role, in start order; an entry's name says its role.
-ROLES = (("storage", "storage.py"), ("supervisor", "supervisor.py"), ("agent", "agent.py"))
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 
 
-def script_for(config: EventServiceConfig) -> str | None:
-    """The script that runs an entry, by its name's prefix; None if no role fits."""
-    for prefix, script in ROLES:
-        if config.name.startswith(prefix) and config.port:
-            return script
-    return None
-
-
 def start_order(configs: list[EventServiceConfig]) -> list[tuple[EventServiceConfig, str]]:
-    """The entries this example runs, storage first, then supervisors, then agents."""
-    rank = {script: index for index, (_, script) in enumerate(ROLES)}
-    runnable = [(config, script) for config in configs if (script := script_for(config)) is not None]
-    return sorted(runnable, key=lambda pair: rank[pair[1]])
+    """The entries this example runs, each with its script: storage, supervisors, agents."""
+    runnable = [(config, role) for config in configs if (role := role_of(config)) is not None]
+    runnable.sort(key=lambda pair: ROLES.index(pair[1]))
+    return [(config, f"{role}.py") for config, role in runnable]
 
 
 async def wait_serving(host: str, port: int, timeout: float) -> bool:
@@ -129,7 +119,7 @@ class Launcher:
         """
         configs = list(read_config_list(self._config_path).configs)
         for config in configs:
-            if script_for(config) is None:
+            if role_of(config) is None:
                 self.say(f"skipping {config.name!r}: not a service of this example (no port or unknown role)")
         plan = start_order(configs)
         if not plan:

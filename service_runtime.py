@@ -158,6 +158,20 @@ def find_service(config_list: EventServiceConfigList, name: str, path: str = "th
     raise ConfigError(msg)
 
 
+# The roles of this example; an entry's name starts with its role ("agent-1").
+ROLES = ("storage", "supervisor", "agent")
+
+
+def role_of(config: EventServiceConfig) -> str | None:
+    """The role of a config entry, by its name's prefix; None if it has no port or role.
+
+    A config may hold entries of other programs (a recorder, say): they are not ours.
+    """
+    if not config.port:
+        return None
+    return next((role for role in ROLES if config.name.startswith(role)), None)
+
+
 def check_endpoint(config: EventServiceConfig) -> None:
     """Checks that an entry says where its service listens.
 
