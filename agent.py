@@ -136,11 +136,16 @@ class Agent:
         """
         loop = asyncio.get_running_loop()
         period = 1.0 / self._args.rate
-        deadline = loop.time()
+        # Tasks take turns within each period: started together, they would publish in
+        # bursts of num_tasks, and each sample of a burst would wait for the others.
+        offset = period * task_id / self._args.num_tasks
+        deadline = loop.time() + offset
         while True:
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
             if not self._may_publish.is_set():
                 await self._may_publish.wait()
-                deadline = loop.time()
+                deadline = loop.time() + offset  # a new schedule from the resume on
+                continue
             lag = loop.time() - deadline
             if lag > MAX_CATCH_UP_S:
                 skipped = int(lag / period)
@@ -149,7 +154,6 @@ class Agent:
                 self._warn_slow()
             await self.publish_sample(task_id)
             deadline += period
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
 
     async def publish_sample(self, task_id: int) -> None:
         """Publishes one sample on ``/sample``."""
