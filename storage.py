@@ -1,7 +1,9 @@
 """Storage: counts what the supervisors store, up to ``max_storage``, and drains it.
 
 Request/reply ``/update_storage`` (``Empty``) stores one item and replies the residual,
-``Int32Value(max_storage - count)``. Every 0.1 s, when it holds at least ``batch_size``,
+``Int32Value(max_storage - count)``. ``/update_storage_batch`` (``Int32Value(n)``) stores
+n at once, for a supervisor under load, and replies a ``Struct`` ``{"stored", "refused",
+"residual"}``. Every 0.1 s, when it holds at least ``batch_size``,
 it removes a batch. After each drain it publishes the residual on ``/residual``
 (latched), so that supervisors can wake agents that paused while storage was full.
 
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Awaitable
 
 from farm_ng.core.event_pb2 import Event
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from service_runtime import RESIDUAL_TIME, STORE_REFUSED, publish_every, require, run_service, stamp_now
@@ -61,23 +64,41 @@ class Storage:
         service.add_request_reply_handler(self.on_request)
 
     async def on_request(self, event: Event, message: Message) -> Message | tuple[Message, Event]:
-        """Handles ``/update_storage``; any other path gets ``Empty``, as in farm-ng's example."""
-        if event.uri.path != "/update_storage":
-            return Empty()
-        # No await between the check and the update: stores from any number of
-        # supervisors cannot push the count past max_storage.
-        reply_event = Event(timestamps=[stamp_now(RESIDUAL_TIME)])
-        if self.count >= self._max:
+        """Handles ``/update_storage`` and ``/update_storage_batch``; other paths get ``Empty``.
+
+        ``Empty`` is what farm-ng's example replies to a path it does not know: a
+        supervisor that asks for batches learns so that this storage has none.
+        """
+        if event.uri.path == "/update_storage":
+            refused = self.store(1) == 0
+            reply_event = Event(timestamps=[stamp_now(RESIDUAL_TIME)])
+            if refused:
+                reply_event.timestamps.append(stamp_now(STORE_REFUSED))
+            return Int32Value(value=self._max - self.count), reply_event
+        if event.uri.path == "/update_storage_batch" and isinstance(message, Int32Value) and message.value > 0:
+            stored = self.store(message.value)
+            reply = Struct()
+            reply.update({"stored": stored, "refused": message.value - stored, "residual": self._max - self.count})
+            return reply, Event(timestamps=[stamp_now(RESIDUAL_TIME)])
+        return Empty()
+
+    def store(self, items: int) -> int:
+        """Stores as many of ``items`` as there is room for; returns how many.
+
+        No await here: stores from any number of supervisors at once cannot push the
+        count past max_storage.
+        """
+        stored = min(items, self._max - self.count)
+        for _ in range(stored):
+            self.count += 1
+            self._service.logger.info("Storage: %d/%d (%d remaining)", self.count, self._max, self._max - self.count)
+        self.accepted += stored
+        for _ in range(items - stored):
             self.refused += 1
-            reply_event.timestamps.append(stamp_now(STORE_REFUSED))
             self._service.logger.info(
                 "Storage full: %d/%d, store refused (%d refused)", self.count, self._max, self.refused
             )
-        else:
-            self.count += 1
-            self.accepted += 1
-            self._service.logger.info("Storage: %d/%d (%d remaining)", self.count, self._max, self._max - self.count)
-        return Int32Value(value=self._max - self.count), reply_event
+        return stored
 
     async def drain(self) -> None:
         """Removes ``batch_size`` every 0.1 s while at least that much is stored."""

@@ -141,3 +141,15 @@ def test_agent_sequence_numbers_are_unique_and_increasing(services: Services, tm
     services.service(config, "agent-1", wait=False)
     sequences = [event.sequence for event, _ in collect(config, "agent-1", "/sample", 500)]
     assert all(earlier < later for earlier, later in zip(sequences, sequences[1:])), sequences
+
+
+def test_storage_stores_batches_up_to_its_room(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"storage": {"args": ["max_storage=20", "batch_size=20"]}})
+    storage = services.service(config, "storage")
+    request(config, "storage", "/update_storage", Empty())
+    (reply,) = requests(config, "storage", "/update_storage_batch", [Int32Value(value=30)])
+    assert dict(reply) == {"stored": 19, "refused": 11, "residual": 0}
+    storage.wait_for(r"^Storage: 20/20 \(0 remaining\)$")
+    storage.wait_for(r"^Storage full: 20/20, store refused \(11 refused\)$")
+    figures = stats(config, "storage")
+    assert figures["accepted"] + figures["refused"] == 31
