@@ -1,0 +1,103 @@
+"""Watch: prints what a service publishes, decoded, one event a line.
+
+    python watch.py --service-config service_config.json --service-name agent-3 --path /sample --count 5
+
+prints lines such as
+
+    agent-3/sample 1234 {"sample": 0.5398770072851099, "task_id": 0.0}
+
+(the service and path, the event's sequence number, the message as JSON). farm-ng-core's
+own ``python -m farm_ng.core.event_client`` prints payload sizes only. ``--path '*'``
+(the default) follows every path of the service. It waits for a service that is not
+up yet and carries on across its restarts; Ctrl-C stops it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from typing import TYPE_CHECKING
+
+from farm_ng.core.event_service_pb2 import SubscribeRequest
+from farm_ng.core.uri_pb2 import Uri
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from service_runtime import ConfigError, PeerClient, check_endpoint, find_service, read_config_list, report_error
+
+if TYPE_CHECKING:
+    from farm_ng.core.event_pb2 import Event
+    from farm_ng.core.event_service_pb2 import EventServiceConfig
+
+
+def describe(service_name: str, event: Event, message: Message | bytes) -> str:
+    """``agent-3/sample 1234 {"sample": 0.53, "task_id": 0.0}``."""
+    if isinstance(message, Message):
+        shown = json.dumps(json_format.MessageToDict(message), sort_keys=True)
+    else:
+        shown = f"<{len(message)} bytes>"
+    return f"{service_name}{event.uri.path} {event.sequence} {shown}"
+
+
+async def watch(config: EventServiceConfig, path: str, count: int | None) -> None:
+    """Prints the events of ``path`` until ``count`` have come, or until Ctrl-C."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    printing = asyncio.ensure_future(print_events(config, path, count))
+    stopping = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([printing, stopping], return_when=asyncio.FIRST_COMPLETED)
+    for task in (printing, stopping):
+        task.cancel()
+    await asyncio.gather(printing, stopping, return_exceptions=True)
+    if printing in done:
+        printing.result()  # raises what made it stop, if anything did
+
+
+async def print_events(config: EventServiceConfig, path: str, count: int | None) -> None:
+    """Subscribes to one path of a service and prints each event as it comes."""
+    client = PeerClient(config, "watch")
+    request = SubscribeRequest(uri=Uri(path=path, query=f"service_name={config.name}"), every_n=1)
+    printed = 0
+    try:
+        async for event, message in client.subscribe(request, decode=True):
+            print(describe(config.name, event, message), flush=True)
+            printed += 1
+            if count is not None and printed >= count:
+                return
+    finally:
+        await client.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line and prints events; returns the exit code."""
+    parser = argparse.ArgumentParser(description="Print what a service publishes, decoded, one event a line.")
+    parser.add_argument("--service-config", required=True, help="the EventServiceConfigList JSON file")
+    parser.add_argument("--service-name", required=True, help="the service to watch")
+    parser.add_argument("--path", default="*", help="the path to follow, e.g. /sample; '*' (default) is every path")
+    parser.add_argument("--count", type=int, help="stop after this many events")
+    cli = parser.parse_args(argv)
+    # Only events go to stdout: PeerClient's lines about a peer coming and going would
+    # mix with them.
+    logging.disable(logging.WARNING)
+    try:
+        config = find_service(read_config_list(cli.service_config), cli.service_name, cli.service_config)
+        check_endpoint(config)
+        if cli.count is not None and cli.count < 1:
+            msg = f"--count {cli.count} must be at least 1"
+            raise ConfigError(msg)
+        asyncio.run(watch(config, cli.path, cli.count))
+    except ConfigError as exc:
+        return report_error(exc)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over signals
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
