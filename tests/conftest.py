@@ -28,11 +28,19 @@ from service_runtime import PeerClient, find_service, read_config_list  # noqa: 
 STARTUP_TIMEOUT_S = 15.0
 
 
-def free_port() -> int:
-    """A TCP port that nothing listens on at this moment."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """``count`` different TCP ports that nothing listens on at this moment.
+
+    The probes stay bound until all are chosen, so the OS cannot offer one twice.
+    """
+    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("127.0.0.1", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
 
 
 def write_config(directory: Path, changes: dict[str, dict[str, Any]] | None = None, name: str = "config.json") -> Path:
@@ -43,9 +51,10 @@ def write_config(directory: Path, changes: dict[str, dict[str, Any]] | None = No
     """
     configs = json.loads((ROOT / "service_config.json").read_text())["configs"]
     changes = changes or {}
+    ports = free_ports(len(configs) + len(changes))
     result = []
     for original in configs:
-        entry = dict(original, port=free_port())
+        entry = dict(original, port=ports.pop())
         if entry["name"] in changes:
             if changes[entry["name"]] is None:
                 continue
@@ -53,7 +62,7 @@ def write_config(directory: Path, changes: dict[str, dict[str, Any]] | None = No
         result.append(entry)
     for name_, extra in changes.items():
         if extra is not None and name_ not in {entry["name"] for entry in configs}:
-            result.append(dict({"name": name_, "host": "localhost", "port": free_port()}, **extra))
+            result.append(dict({"name": name_, "host": "localhost", "port": ports.pop()}, **extra))
     path = directory / name
     path.write_text(json.dumps({"configs": result}, indent=2))
     return path

@@ -1,0 +1,65 @@
+"""bench.py runs the real services and prints every row; timings are not checked here.
+
+The machine is shared and noisy, so no figure is asserted: only that the benchmark
+starts its services, measures, prints a number in every row, and stops what it started.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import Services
+
+import bench
+
+# Short windows, several steps at once: the figures mean nothing, the table is complete.
+SMOKE_ARGS = ("--seconds", "1", "--jobs", "4")
+NUMBER = re.compile(r"\d")
+
+
+def cells(output: str, label: str) -> list[str]:
+    """The cells after the label in the table row ``label``."""
+    prefix = f"| {label} |"
+    line = next((line for line in output.splitlines() if line.startswith(prefix)), None)
+    assert line is not None, f"no row {label!r} in:\n{output}"
+    return [cell.strip() for cell in line[len(prefix) :].rstrip("|").split("|")]
+
+
+def test_bench_prints_every_row(services: Services) -> None:
+    process = services.run("bench.py", *SMOKE_ARGS)
+    assert process.wait_exit(90) == 0, process.output
+    output = process.output
+    for heading in ("machine: ", "python ", "grpcio ", "farm-ng-core ", "load average at start"):
+        assert heading in output
+    for row in bench.rows():
+        many, one, ratio = cells(output, row.label)
+        assert NUMBER.search(many), f"{row.label}: {many!r}"
+        if row.per_column:
+            assert NUMBER.search(one), f"{row.label}: {one!r}"
+            assert ratio, row.label
+        else:
+            assert (one, ratio) == ("", ""), row.label
+    assert "Traceback" not in output
+
+
+def test_bench_stops_its_services_on_ctrl_c(
+    services: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its configs go to its temporary directory, so its services' command lines name tmp_path.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    process = services.run("bench.py", "--quick")
+    # Step 2 has begun: step 1's services ran, step 2's are starting.
+    process.wait_for(r"^\[2/\d+\] ", timeout=30)
+    process.signal(signal.SIGINT)
+    assert process.wait_exit(20) == 130, process.output
+    assert "interrupted; services stopped" in process.output
+    left = [
+        proc.info["pid"]
+        for proc in psutil.process_iter(["pid", "cmdline"])
+        if any(str(tmp_path) in part for part in proc.info["cmdline"] or [])
+    ]
+    assert left == [], process.output
