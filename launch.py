@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
-from service_runtime import ROLES, ConfigError, read_config_list, report_error, role_of
+from service_runtime import ROLES, ConfigError, read_config_list, role_of, run_cli
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
@@ -239,10 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cli = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
-    try:
-        return asyncio.run(Launcher(cli.service_config, cli.monitor).run())
-    except ConfigError as exc:
-        return report_error(exc)
+    return run_cli(lambda: asyncio.run(Launcher(cli.service_config, cli.monitor).run()))
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from service_runtime import ConfigError, PeerClient, check_endpoint, read_config_list, report_error, role_of
+from service_runtime import ConfigError, PeerClient, check_endpoint, read_config_list, role_of, run_cli
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -373,14 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = parser.parse_args(argv)
     # The tables say who is down; PeerClient's lines about it would scroll the view.
     logging.disable(logging.WARNING)
-    try:
-        views = views_of(cli.service_config)
-        asyncio.run(monitor(views, cli.once))
-    except ConfigError as exc:
-        return report_error(exc)
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over signals
-        pass
-    return 0
+    return run_cli(lambda: asyncio.run(monitor(views_of(cli.service_config), cli.once)))
 
 
 if __name__ == "__main__":

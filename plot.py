@@ -34,7 +34,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from read_recording import read_events, recording_file, sent_at
-from service_runtime import ConfigError, report_error
+from service_runtime import run_cli
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -202,14 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("plot.py needs matplotlib: pip install matplotlib", file=sys.stderr)
         return 1
-    try:
+
+    def body() -> None:
         file = recording_file(cli.recording)
-    except ConfigError as exc:
-        return report_error(exc)
-    output = Path(cli.output) if cli.output else file.with_suffix(".png")
-    draw(load(file), file.name, output, pyplot)
-    print(f"wrote {output}")
-    return 0
+        output = Path(cli.output) if cli.output else file.with_suffix(".png")
+        draw(load(file), file.name, output, pyplot)
+        print(f"wrote {output}")
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

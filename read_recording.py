@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Iterator
 from farm_ng.core.events_file_reader import EventsFileReader
 from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
 
-from service_runtime import ConfigError, report_error
+from service_runtime import ConfigError, run_cli
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -86,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Count the events of each path in a recording.")
     parser.add_argument("recording", help="a recording (.bin), or a directory: its newest recording")
     cli = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         file = recording_file(cli.recording)
-    except ConfigError as exc:
-        return report_error(exc)
-    print(file)
-    for line in summary(file):
-        print(line)
-    return 0
+        print(file)
+        for line in summary(file):
+            print(line)
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

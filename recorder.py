@@ -35,7 +35,7 @@ from service_runtime import (
     create_service,
     find_service,
     read_config_list,
-    report_error,
+    run_cli,
 )
 
 if TYPE_CHECKING:
@@ -80,17 +80,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service-config", required=True, help="the EventServiceConfigList JSON file")
     parser.add_argument("--service-name", required=True, help="the recorder's entry in the config")
     cli = parser.parse_args(argv)
-    try:
+
+    def body() -> None:
         config = find_service(read_config_list(cli.service_config), cli.service_name, cli.service_config)
         check_endpoint(config)
         check_data_dir(config)
         configure_logging(config)
         asyncio.run(serve(config))
-    except ConfigError as exc:
-        return report_error(exc)
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over signals
-        pass
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":

@@ -381,13 +381,26 @@ def run_service(
         The exit code: 0 after a signal, 1 for bad input, 1 if a task failed.
 
     """
-    try:
+
+    def body() -> int:
         spec, args = load_service(description, args_type, argv)
         configure_logging(spec.config)
         return asyncio.run(_serve(spec, args, role))
+
+    return run_cli(body)
+
+
+def run_cli(body: Callable[[], int | None]) -> int:
+    """Runs a script's body and returns its exit code, for ``sys.exit``.
+
+    A ``ConfigError`` becomes one ``error: ...`` line and exit code 1; Ctrl-C before the
+    event loop took over the signals ends quietly with 0; otherwise the body's code.
+    """
+    try:
+        return body() or 0
     except ConfigError as exc:
         return report_error(exc)
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over signals
+    except KeyboardInterrupt:
         return 0
 
 

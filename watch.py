@@ -27,7 +27,7 @@ from farm_ng.core.uri_pb2 import Uri
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from service_runtime import ConfigError, PeerClient, check_endpoint, find_service, read_config_list, report_error
+from service_runtime import ConfigError, PeerClient, check_endpoint, find_service, read_config_list, run_cli
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -85,18 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     # Only events go to stdout: PeerClient's lines about a peer coming and going would
     # mix with them.
     logging.disable(logging.WARNING)
-    try:
+
+    def body() -> None:
         config = find_service(read_config_list(cli.service_config), cli.service_name, cli.service_config)
         check_endpoint(config)
         if cli.count is not None and cli.count < 1:
             msg = f"--count {cli.count} must be at least 1"
             raise ConfigError(msg)
         asyncio.run(watch(config, cli.path, cli.count))
-    except ConfigError as exc:
-        return report_error(exc)
-    except KeyboardInterrupt:  # Ctrl-C before the loop took over signals
-        pass
-    return 0
+
+    return run_cli(body)
 
 
 if __name__ == "__main__":
