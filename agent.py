@@ -147,8 +147,8 @@ class Agent:
                 deadline = loop.time() + offset  # a new schedule from the resume on
                 continue
             lag = loop.time() - deadline
-            if lag > MAX_CATCH_UP_S:
-                skipped = int(lag / period)
+            skipped = int(lag / period) if lag > MAX_CATCH_UP_S else 0
+            if skipped:
                 self.missed_slots += skipped
                 deadline += skipped * period
                 self._warn_slow()

@@ -881,6 +881,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BenchError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over signals
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import grpc
 
-from service_runtime import ROLES, ConfigError, read_config_list, role_of, run_cli
+from service_runtime import CHANNEL_OPTIONS, ROLES, ConfigError, grpc_address, read_config_list, role_of, run_cli
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
@@ -38,8 +38,8 @@ def start_order(configs: list[EventServiceConfig]) -> list[tuple[EventServiceCon
 
 async def wait_serving(host: str, port: int, timeout: float) -> bool:
     """Whether a gRPC server answers at host:port within ``timeout`` seconds."""
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    async with grpc.aio.insecure_channel(address) as channel:
+    # The services' reconnect backoff: gRPC's default would retry at 1, 2.6, 5.2 ... s.
+    async with grpc.aio.insecure_channel(grpc_address(host, port), options=CHANNEL_OPTIONS) as channel:
         try:
             await asyncio.wait_for(channel.channel_ready(), timeout)
         except asyncio.TimeoutError:
@@ -102,7 +102,9 @@ class Launcher:
             self._out = open(self._monitor_log, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        # SIGHUP too: closing the terminal must not orphan the services, which live in
+        # sessions of their own.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(signum, stop.set)
         stopping = asyncio.ensure_future(stop.wait())
         try:
@@ -170,8 +172,8 @@ class Launcher:
             config.name,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
-            # Its own session: Ctrl-C reaches the launcher alone, which then stops the
-            # services in order instead of all at once.
+            # Its own session: Ctrl-C reaches the launcher alone, which stops every
+            # service and waits for each, instead of each exiting on its own.
             start_new_session=True,
         )
         self.say(
@@ -206,7 +208,7 @@ class Launcher:
         return asyncio.ensure_future(self._monitor.wait())
 
     async def stop_all(self) -> list[str]:
-        """Stops the monitor and the services, agents first; returns those that did not exit 0."""
+        """Stops the monitor and the services, all at once; returns those that did not exit 0."""
         if self._monitor is not None and self._monitor.returncode is None:
             self._monitor.terminate()
             await self._monitor.wait()

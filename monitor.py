@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 # A service that sent no /stats for this long is down. It publishes every second, so
 # this allows for one late message.
 DOWN_AFTER_S = 2.5
-# Rates span the /stats of about this many seconds: long enough to smooth the agents'
-# bursts (all tasks of an agent publish at once), short enough to follow a change.
+# Rates span the /stats of about this many seconds: long enough to smooth out the
+# moments of a fill and drain cycle, short enough to follow a change.
 RATE_WINDOW_S = 3.0
 REFRESH_S = 0.5
 # --once waits for this many /stats of each service (two intervals for the rates),

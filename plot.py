@@ -40,9 +40,9 @@ if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
     from google.protobuf.message import Message
 
-# Samples are counted in bins this wide: a multiple of every default period (all tasks
-# of an agent publish at once, 5 or 10 times a second), so that a steady agent gives a
-# flat line; and short, so that a pause shows as a dip.
+# Samples are counted in bins this wide: a multiple of every default task period (5 or
+# 10 times a second), so that a steady agent gives a flat line; and short, so that a
+# pause shows as a dip.
 RATE_BIN_S = 0.4
 # An agent that publishes nothing for this much longer than its period has paused, if
 # storage drained meanwhile: a gap without a drain is the machine being busy.
@@ -76,7 +76,8 @@ class Recording:
         elif service.startswith("agent") and path == "sample":
             self.samples[service].append(stamp)
         elif service.startswith("agent") and path == "stats" and isinstance(message, Struct):
-            self.rates[service] = message["rate"]
+            # Its tasks take turns: together they publish rate x num_tasks times a second.
+            self.rates[service] = message["rate"] * message["num_tasks"]
 
     def start(self) -> float:
         """The time of the earliest event the plot shows."""
@@ -120,8 +121,8 @@ def sample_rates(stamps: list[float], start: float) -> tuple[list[float], list[f
 def pauses(stamps: list[float], rate: float | None, drains: list[float]) -> tuple[list[float], list[float]]:
     """When an agent paused and when it resumed: the gaps in its samples that a drain ended.
 
-    All tasks of an agent start together, so it publishes at least every ``1/rate``
-    while it runs. A pause begins where the next sample was due.
+    ``rate`` is the agent's samples per second, all tasks together: while it runs it
+    publishes at least every ``1/rate``. A pause begins where the next sample was due.
     """
     if not rate:
         return [], []

@@ -318,13 +318,18 @@ def bind(service: EventServiceGrpc) -> str:
     """
     host, port = service.config.host, service.config.port
     check_port_free(host, port)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = grpc_address(host, port)
     try:
         service.server.add_insecure_port(address)
     except RuntimeError:
         msg = f"cannot listen on {address}"
         raise ConfigError(msg) from None
     return address
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC reads it: an IPv6 address goes in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -476,7 +481,11 @@ class PeerClient(EventClient):
         self._owner = logging.getLogger(owner)
         self._reachable: bool | None = None  # None until the first call tells
         self._ever_reached = False
-        self.failures = 0  # calls that failed because the peer was unreachable
+
+    @property
+    def server_address(self) -> str:
+        """The peer's address as gRPC reads it (EventClient's leaves IPv6 unbracketed)."""
+        return grpc_address(self.config.host, self.config.port)
 
     @property
     def reachable(self) -> bool | None:
@@ -504,7 +513,6 @@ class PeerClient(EventClient):
 
     def mark_down(self, why: str) -> None:
         """Records a failed call; says so once per outage."""
-        self.failures += 1
         if self._reachable is False:
             return
         self._reachable = False

@@ -93,11 +93,12 @@ class Storage:
             self.count += 1
             self._service.logger.info("Storage: %d/%d (%d remaining)", self.count, self._max, self._max - self.count)
         self.accepted += stored
-        for _ in range(items - stored):
-            self.refused += 1
-            self._service.logger.info(
-                "Storage full: %d/%d, store refused (%d refused)", self.count, self._max, self.refused
-            )
+        refused = items - stored
+        if refused:
+            # One line per call: a batch of any size costs one line, not one per item.
+            self.refused += refused
+            what = "store refused" if refused == 1 else f"{refused} stores refused"
+            self._service.logger.info("Storage full: %d/%d, %s (%d refused)", self.count, self._max, what, self.refused)
         return stored
 
     async def drain(self) -> None:

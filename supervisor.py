@@ -126,7 +126,7 @@ class Supervisor:
         self.storage = PeerClient(storage_config, service.config.name)
         self._pending: asyncio.Queue[tuple[AgentLink, Event]] = asyncio.Queue(MAX_PENDING)
         self.counts = dict.fromkeys(
-            ("received", "below_confidence", "stored", "refused", "not_stored", "dropped", "unsent", "resumes"), 0
+            ("received", "below_confidence", "stored", "refused", "not_stored", "dropped", "unsent", "wakeups"), 0
         )
         self._overloaded = False
 
@@ -218,17 +218,22 @@ class Supervisor:
             storage_time = find_stamp(reply.event, RESIDUAL_TIME)
         return residuals, storage_time
 
-    async def send_residual(self, link: AgentLink, residual: Int32Value, stamps: list[Timestamp]) -> None:
-        """Tells an agent the residual; remembers it, to know whether the agent paused."""
+    async def send_residual(self, link: AgentLink, residual: Int32Value, stamps: list[Timestamp]) -> bool:
+        """Tells an agent the residual; returns whether it got there.
+
+        The link records the residual before the call: a drain that arrives while a 0
+        is on its way must see that the agent is about to pause, and wake it.
+        """
+        stamp = next((stamp for stamp in stamps if stamp.semantics == RESIDUAL_TIME), None)
+        if stamp is None or is_newer(stamp, link.residual_time):
+            link.residual, link.residual_time = residual.value, stamp
         try:
             await link.client.request_reply("/update_residual", residual, timestamps=stamps, timeout=CALL_TIMEOUT_S)
         except PeerUnavailable:
             self.counts["unsent"] += 1
             link.residual = link.residual_time = None  # it may have missed anything
-            return
-        stamp = next((stamp for stamp in stamps if stamp.semantics == RESIDUAL_TIME), None)
-        if stamp is None or is_newer(stamp, link.residual_time):
-            link.residual, link.residual_time = residual.value, stamp
+            return False
+        return True
 
     async def watch_storage(self) -> None:
         """Wakes paused agents when storage publishes room on ``/residual``.
@@ -238,13 +243,22 @@ class Supervisor:
         agent paused) this sends nothing.
         """
         request = SubscribeRequest(uri=Uri(path="/residual", query=f"service_name={STORAGE_NAME}"), every_n=1)
+        waking: set[asyncio.Future[None]] = set()
         async for event, message in self.storage.subscribe(request, decode=True):
             if not isinstance(message, Int32Value) or message.value <= 0:
                 continue
-            waiting = [link for link in self.agents.values() if link.residual is None or link.residual <= 0]
             stamps = [stamp for stamp in (find_stamp(event, RESIDUAL_TIME),) if stamp]
-            self.counts["resumes"] += len(waiting)
-            await asyncio.gather(*(self.send_residual(link, message, stamps) for link in waiting))
+            for link in self.agents.values():
+                if link.residual is None or link.residual <= 0:
+                    # In the background: an agent that does not answer must not hold
+                    # up the others, nor this subscription.
+                    waking.add(asyncio.ensure_future(self.wake(link, message, stamps)))
+            waking = {future for future in waking if not future.done()}
+
+    async def wake(self, link: AgentLink, residual: Int32Value, stamps: list[Timestamp]) -> None:
+        """Sends a paused (or unknown) agent the residual that lets it resume."""
+        if await self.send_residual(link, residual, stamps):
+            self.counts["wakeups"] += 1
 
     def stats(self) -> dict[str, Any]:
         """The figures ``/stats`` carries."""

@@ -154,7 +154,8 @@ class Process:
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
             try:
-                self.popen.wait(5)
+                # Longer than the launcher takes to stop its services (launch.STOP_TIMEOUT_S).
+                self.popen.wait(10)
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait(5)

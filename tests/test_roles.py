@@ -150,6 +150,6 @@ def test_storage_stores_batches_up_to_its_room(services: Services, tmp_path: Pat
     (reply,) = requests(config, "storage", "/update_storage_batch", [Int32Value(value=30)])
     assert dict(reply) == {"stored": 19, "refused": 11, "residual": 0}
     storage.wait_for(r"^Storage: 20/20 \(0 remaining\)$")
-    storage.wait_for(r"^Storage full: 20/20, store refused \(11 refused\)$")
+    storage.wait_for(r"^Storage full: 20/20, 11 stores refused \(11 refused\)$")
     figures = stats(config, "storage")
     assert figures["accepted"] + figures["refused"] == 31

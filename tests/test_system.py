@@ -27,7 +27,8 @@ def test_walkthrough_propagates(services: Services, tmp_path: Path) -> None:
 
 
 def test_agents_pause_at_zero(services: Services, tmp_path: Path) -> None:
-    # Storage fills in well under a second and never drains: agents must stop.
+    # Storage fills in well under a second and drains only when full: agents stop at 0
+    # until the next drain.
     config = write_config(
         tmp_path,
         {
