@@ -29,6 +29,8 @@ def cells(output: str, label: str) -> list[str]:
     return [cell.strip() for cell in line[len(prefix) :].rstrip("|").split("|")]
 
 
+# Many processes busy at once: never beside another such test (xdist group).
+@pytest.mark.xdist_group("cpu")
 def test_bench_prints_every_row(services: Services) -> None:
     process = services.run("bench.py", *SMOKE_ARGS)
     assert process.wait_exit(90) == 0, process.output

@@ -11,6 +11,8 @@ import pytest
 from conftest import Services, port_of, write_config
 
 
+# Timed: kept off the worker's neighbour of the CPU-heavy tests (same xdist group).
+@pytest.mark.xdist_group("cpu")
 @pytest.mark.parametrize("name", ["storage", "supervisor-1", "agent-3"])
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_stops_quietly(services: Services, tmp_path: Path, name: str, signum: int) -> None:

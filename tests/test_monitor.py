@@ -6,6 +6,7 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import STARTUP_TIMEOUT_S, Process, Services, write_config
 
 # Agents and the agents each supervisor subscribes to, as in service_config.json.
@@ -98,6 +99,8 @@ def wait_row(monitor: Process, name: str, state: str) -> None:
     monitor.wait_for(rf"^{re.escape(name)}\s+{state}{figures}", timeout=10, start=len(monitor.lines))
 
 
+# Many processes busy at once: never beside another such test (xdist group).
+@pytest.mark.xdist_group("cpu")
 def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     # Started first: the services come up while it watches. Its stdout is a pipe, so it

@@ -127,6 +127,8 @@ def test_peers_back_after_a_minute(services: Services, tmp_path: Path) -> None:
     assert supervisor.count("storage is back") == 1
 
 
+# Many processes busy at once: never beside another such test (xdist group).
+@pytest.mark.xdist_group("cpu")
 def test_storage_fills_and_drains_and_agents_resume(services: Services, tmp_path: Path) -> None:
     # Agents offer far more than storage drains: it fills within a second, again and
     # again, and every agent that paused at 0 must start again after each drain.

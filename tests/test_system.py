@@ -7,6 +7,7 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
 from conftest import Services, stats, write_config
 
 
@@ -68,6 +69,8 @@ def test_log_level_warning_silences_per_sample_lines(services: Services, tmp_pat
         assert process.count(r"^(Storage|Residual|Published|Remainder)") == 0, process.output
 
 
+# Many processes busy at once: never beside another such test (xdist group).
+@pytest.mark.xdist_group("cpu")
 def test_launcher_starts_all_and_stops_on_ctrl_c(services: Services, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     launcher = services.run("launch.py", "--service-config", str(config), label="launch")
@@ -83,6 +86,8 @@ def test_launcher_starts_all_and_stops_on_ctrl_c(services: Services, tmp_path: P
     launcher.wait_for(r"^\[launch\] stopped all 6 services$")
 
 
+# Many processes busy at once: never beside another such test (xdist group).
+@pytest.mark.xdist_group("cpu")
 def test_launcher_reports_a_service_that_dies(services: Services, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     launcher = services.run("launch.py", "--service-config", str(config), label="launch")

@@ -113,6 +113,8 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
     assert sequences == sorted(set(sequences)), sequences
 
 
+# matplotlib's first import builds a font cache: busy, like the other tests of the group.
+@pytest.mark.xdist_group("cpu")
 def test_a_recording_reads_back_and_plots(services: Services, tmp_path: Path) -> None:
     config = write_config(tmp_path)
     for name in ("storage", "agent-3", "supervisor-2"):
