@@ -34,6 +34,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
 
+# This process talks gRPC and forks the services: gRPC's fork handlers, with its
+# threads busy, can abort a process ("Check failed" in thd.h). The children exec at
+# once and need none. Read by gRPC when it is first imported, hence before it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import grpc
 import psutil
 from farm_ng.core.event_service_pb2 import SubscribeRequest

@@ -14,12 +14,11 @@ import argparse
 import asyncio
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
-import grpc
-
-from service_runtime import CHANNEL_OPTIONS, ROLES, ConfigError, grpc_address, read_config_list, role_of, run_cli
+from service_runtime import ROLES, ConfigError, read_config_list, role_of, run_cli
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
@@ -37,14 +36,21 @@ def start_order(configs: list[EventServiceConfig]) -> list[tuple[EventServiceCon
 
 
 async def wait_serving(host: str, port: int, timeout: float) -> bool:
-    """Whether a gRPC server answers at host:port within ``timeout`` seconds."""
-    # The services' reconnect backoff: gRPC's default would retry at 1, 2.6, 5.2 ... s.
-    async with grpc.aio.insecure_channel(grpc_address(host, port), options=CHANNEL_OPTIONS) as channel:
+    """Whether something accepts connections at host:port within ``timeout`` seconds.
+
+    A plain TCP connect, not a gRPC channel: the launcher forks a process per service,
+    and gRPC's threads in a process that forks can abort it ("Check failed" in thd.h).
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
         try:
-            await asyncio.wait_for(channel.channel_ready(), timeout)
-        except asyncio.TimeoutError:
-            return False
-    return True
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
+        except (OSError, asyncio.TimeoutError):
+            await asyncio.sleep(0.05)
+            continue
+        writer.close()
+        return True
+    return False
 
 
 class Launched:

@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+# This process talks gRPC and forks the services: gRPC's fork handlers, with its
+# threads busy, can abort a process ("Check failed" in thd.h). The children exec at
+# once and need none. Read by gRPC when it is first imported, hence before it.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import pytest
 from farm_ng.core.event_service_pb2 import EventServiceConfig, SubscribeRequest
 from farm_ng.core.uri_pb2 import Uri
