@@ -34,7 +34,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from read_recording import read_events, recording_file, sent_at
-from service_runtime import run_cli
+from service_runtime import ConfigError, run_cli
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -207,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> None:
         file = recording_file(cli.recording)
         output = Path(cli.output) if cli.output else file.with_suffix(".png")
+        if not output.parent.is_dir():
+            msg = f"cannot write {output}: folder {output.parent} does not exist"
+            raise ConfigError(msg)
         draw(load(file), file.name, output, pyplot)
         print(f"wrote {output}")
 

@@ -149,3 +149,9 @@ def test_a_recording_reads_back_and_plots(services: Services, tmp_path: Path) ->
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
     assert (width, height) == (720, 440)
     assert 10_000 < len(data) < 150_000
+    # Bad output: one line, no traceback.
+    refused = services.run("plot.py", str(recording), "-o", str(tmp_path / "no-such-folder" / "plot.png"))
+    assert refused.wait_exit(60) == 1
+    assert refused.lines == [
+        f"error: cannot write {tmp_path}/no-such-folder/plot.png: folder {tmp_path}/no-such-folder does not exist"
+    ]
