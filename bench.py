@@ -662,41 +662,31 @@ class Step:
 
 def plan() -> list[Step]:
     """Every step of one run. The two columns of a row are measured one right after the other."""
-    many = IN_FLIGHT[0]
     steps: list[Step] = []
     for rate in (None, *LATENCY_RATES):
         what = "default config" if rate is None else f"default config, agent-3 at {rate:g} Hz"
-        steps += [
-            Step(
-                f"{what}, max_in_flight={in_flight}",
-                functools.partial(latency_step, in_flight=in_flight, agent_3_rate=rate),
-            )
-            for in_flight in IN_FLIGHT
-        ]
+        steps += both_designs(what, functools.partial(latency_step, agent_3_rate=rate))
     # Rates that are also ceiling steps are measured there.
     steps += [
         Step(
-            f"agent at {rate:g} Hz x {tasks}", functools.partial(relay_step, in_flight=many, rate=rate, num_tasks=tasks)
+            f"agent at {rate:g} Hz x {tasks}",
+            functools.partial(relay_step, in_flight=IN_FLIGHT[0], rate=rate, num_tasks=tasks),
         )
         for rate, tasks in RATE_STEPS
         if tasks > 1 or rate not in CEILING_RATES
     ]
     for rate in CEILING_RATES:
-        steps += [
-            Step(
-                f"relay at {rate:g}/s, max_in_flight={in_flight}",
-                functools.partial(relay_step, in_flight=in_flight, rate=rate),
-            )
-            for in_flight in IN_FLIGHT
-        ]
-    steps += [
-        Step(
-            f"relay at {CPU_RATE}/s at INFO, max_in_flight={in_flight}",
-            functools.partial(info_step, in_flight=in_flight),
-        )
+        steps += both_designs(f"relay at {rate:g}/s", functools.partial(relay_step, rate=rate))
+    steps += both_designs(f"relay at {CPU_RATE}/s at INFO", info_step)
+    return steps
+
+
+def both_designs(what: str, measure: Callable[..., Awaitable[None]]) -> list[Step]:
+    """A step for each column: ``measure`` with each ``in_flight`` of ``IN_FLIGHT``."""
+    return [
+        Step(f"{what}, max_in_flight={in_flight}", functools.partial(measure, in_flight=in_flight))
         for in_flight in IN_FLIGHT
     ]
-    return steps
 
 
 async def run_step(runner: Runner, step: Step, number: int, total: int) -> None:
