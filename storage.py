@@ -1,146 +1,160 @@
 """Storage: counts what the supervisors store, up to ``max_storage``, and drains it.
 
 Request/reply ``/update_storage`` (``Empty``) stores one item and replies the residual,
-``Int32Value(max_storage - count)``. ``/update_storage_batch`` (``Int32Value(n)``) stores
-n at once, for a supervisor under load, and replies a ``Struct`` ``{"stored", "refused",
-"residual"}``. Every 0.1 s, when it holds at least ``batch_size``,
-it removes a batch. After each drain it publishes the residual on ``/residual``
-(latched), so that supervisors can wake agents that paused while storage was full.
+``Int32Value(max_storage - count)``. Every ``drain_period`` seconds (0.1 by default), when
+it holds at least ``batch_size``, it removes a batch, then publishes the residual on
+``/residual`` (latched) so that supervisors can wake agents that paused while it was full.
 
     python storage.py --service-config service_config.json --service-name storage
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable
 
-from farm_ng.core.event_pb2 import Event
-from google.protobuf.empty_pb2 import Empty
-from google.protobuf.struct_pb2 import Struct
-from google.protobuf.wrappers_pb2 import Int32Value
+from propagation.cli import ServiceSpec, exit_on_bad_input, run
+from propagation.config import arg
 
-from service_runtime import RESIDUAL_TIME, STORE_REFUSED, publish_every, require, run_service, stamp_now
-
-if TYPE_CHECKING:
-    from farm_ng.core.event_service import EventServiceGrpc
-    from google.protobuf.message import Message
-
-    from service_runtime import ServiceSpec
-
-DRAIN_PERIOD_S = 0.1
+DESCRIPTION = "The storage of farm-ng-core's service propagation example."
+INT32_MAX = 2**31 - 1  # residuals travel as Int32Value
 
 
 @dataclasses.dataclass(frozen=True)
 class StorageArgs:
     """The ``args`` of a storage entry in the config."""
 
-    max_storage: int
-    batch_size: int
+    max_storage: int = arg(1, INT32_MAX)
+    batch_size: int = arg(1, INT32_MAX)
+    drain_period: float = arg(0.01, 60, default=0.1, unit="s")
 
     def __post_init__(self) -> None:
-        require(self.max_storage > 0, "max_storage", self.max_storage, "> 0")
-        require(
-            1 <= self.batch_size <= self.max_storage,
-            "batch_size",
-            self.batch_size,
-            f"in 1..max_storage ({self.max_storage})",
-        )
+        if self.batch_size > self.max_storage:
+            msg = f"arg batch_size={self.batch_size} must be in 1..max_storage ({self.max_storage})"
+            raise ValueError(msg)
+
+
+if __name__ == "__main__":
+    # Bad input gets its one line before gRPC and farm-ng-core load (seconds on a busy machine).
+    exit_on_bad_input(DESCRIPTION, StorageArgs)
+
+import asyncio  # (every import from here on waits for the check above)
+
+from farm_ng.core.event_pb2 import Event
+from farm_ng.core.event_service import EventServiceGrpc
+from farm_ng.core.event_service_pb2 import RequestReplyRequest
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.wrappers_pb2 import Int32Value
+
+from propagation import wire
+from propagation.serving import create_server, serve
+from propagation.stats import LevelRecord
+
+MAX_BATCH = 256  # items one /update_storage_batch may store: a supervisor's max_batch at most
 
 
 class Storage:
-    """A bounded count: stores add one, the drain removes batches."""
+    """A bounded count: each store adds one, the drain removes batches."""
 
     def __init__(self, service: EventServiceGrpc, args: StorageArgs) -> None:
-        self._service = service
-        self._max = args.max_storage
-        self._batch = args.batch_size
+        self.service = service
+        self.args = args
         self.count = 0
-        self.accepted = 0
-        self.refused = 0
-        self.drained = 0
+        self.incarnation = wire.new_incarnation()  # orders residuals across restarts
+        self.counts = dict.fromkeys(("accepted", "refused", "drained", "bad_batches"), 0)
+        self.level = LevelRecord(service, args.max_storage)  # for plots: /level keeps the peaks
         service.add_request_reply_handler(self.on_request)
 
-    async def on_request(self, event: Event, message: Message) -> Message | tuple[Message, Event]:
-        """Handles ``/update_storage`` and ``/update_storage_batch``; other paths get ``Empty``.
+    async def on_request(self, request: RequestReplyRequest) -> Message | tuple[Message, Event]:
+        """``/update_storage`` stores one item and replies the residual, stamped.
 
-        ``Empty`` is what farm-ng's example replies to a path it does not know: a
-        supervisor that asks for batches learns so that this storage has none.
+        One parameter: farm-ng-core hands over the raw request (with two it would decode
+        by the type the sender names). ``/update_storage_batch`` (``Int32Value`` n)
+        stores up to n at once for a supervisor under load and replies a ``Struct``
+        ``{"stored", "refused", "residual"}``.
         """
-        if event.uri.path == "/update_storage":
-            refused = self.store(1) == 0
-            reply_event = Event(timestamps=[stamp_now(RESIDUAL_TIME)])
-            if refused:
-                reply_event.timestamps.append(stamp_now(STORE_REFUSED))
-            return Int32Value(value=self._max - self.count), reply_event
-        if event.uri.path == "/update_storage_batch" and isinstance(message, Int32Value) and message.value > 0:
-            stored = self.store(message.value)
-            reply = Struct()
-            reply.update({"stored": stored, "refused": message.value - stored, "residual": self._max - self.count})
-            return reply, Event(timestamps=[stamp_now(RESIDUAL_TIME)])
+        if request.event.uri.path == "/update_storage":
+            stamps = [wire.residual_stamp(self.incarnation)]
+            if self.store(1) == 0:
+                stamps.append(wire.stamp_now(wire.STORE_REFUSED))
+            residual = Int32Value(value=self.args.max_storage - self.count)
+            await self.publish_level(only_if_full=True)  # the peak: a plot of /level reaches max_storage
+            return residual, Event(timestamps=stamps)
+        if request.event.uri.path == "/update_storage_batch":
+            return await self.store_batch(Int32Value.FromString(request.payload).value)
         return Empty()
 
     def store(self, items: int) -> int:
         """Stores as many of ``items`` as there is room for; returns how many.
 
-        No await here: stores from any number of supervisors at once cannot push the
+        No await in here: stores from any number of supervisors at once cannot push the
         count past max_storage.
         """
-        stored = min(items, self._max - self.count)
+        limit = self.args.max_storage
+        stored = min(items, limit - self.count)
         for _ in range(stored):
             self.count += 1
-            self._service.logger.info("Storage: %d/%d (%d remaining)", self.count, self._max, self._max - self.count)
-        self.accepted += stored
+            self.service.logger.info("Storage: %d/%d (%d remaining)", self.count, limit, limit - self.count)
+        self.counts["accepted"] += stored
         refused = items - stored
-        if refused:
-            # One line per call: a batch of any size costs one line, not one per item.
-            self.refused += refused
+        if refused:  # one line per call, whatever the number refused
+            self.counts["refused"] += refused
             what = "store refused" if refused == 1 else f"{refused} stores refused"
-            self._service.logger.info("Storage full: %d/%d, %s (%d refused)", self.count, self._max, what, self.refused)
+            self.service.logger.info("Storage full: %d/%d, %s (%d refused)", limit, limit, what, self.counts["refused"])
         return stored
 
     async def drain(self) -> None:
-        """Removes ``batch_size`` every 0.1 s while at least that much is stored."""
+        """Removes ``batch_size`` every ``drain_period`` while at least that much is stored."""
+        await self.publish_level()
         await self.publish_residual()
         loop = asyncio.get_running_loop()
         deadline = loop.time()
         while True:
-            deadline += DRAIN_PERIOD_S
+            deadline += self.args.drain_period
             await asyncio.sleep(max(0.0, deadline - loop.time()))
-            if self.count < self._batch:
+            if self.count < self.args.batch_size:
                 continue
-            self.count -= self._batch
-            self.drained += self._batch
-            self._service.logger.info("Removed from storage: %d/%d", self._batch, self._max)
+            await self.publish_level()  # the level before the drain: its peak
+            self.count -= self.args.batch_size
+            self.counts["drained"] += self.args.batch_size
+            self.service.logger.info("Removed from storage: %d/%d", self.args.batch_size, self.args.max_storage)
+            await self.publish_level()
             await self.publish_residual()
 
     async def publish_residual(self) -> None:
-        """Publishes the residual, latched so that a late subscriber gets it at once."""
-        await self._service.publish(
-            "/residual",
-            Int32Value(value=self._max - self.count),
-            timestamps=[stamp_now(RESIDUAL_TIME)],
-            latch=True,
-        )
+        """Publishes the residual on ``/residual``, latched: a late subscriber gets it at once."""
+        residual = Int32Value(value=self.args.max_storage - self.count)
+        await self.service.publish("/residual", residual, [wire.residual_stamp(self.incarnation)], latch=True)
 
-    def stats(self) -> dict[str, Any]:
+    async def store_batch(self, wanted: int) -> Message | tuple[Message, Event]:
+        """Stores up to ``wanted`` items (``/update_storage_batch``); a count off 1..MAX_BATCH gets ``Empty``."""
+        if not 1 <= wanted <= MAX_BATCH:
+            self.counts["bad_batches"] += 1
+            return Empty()
+        stamp = wire.residual_stamp(self.incarnation)
+        stored = self.store(wanted)
+        reply = Struct()
+        reply.update({"stored": stored, "refused": wanted - stored, "residual": self.args.max_storage - self.count})
+        await self.publish_level(only_if_full=True)
+        return reply, Event(timestamps=[stamp])
+
+    async def publish_level(self, only_if_full: bool = False) -> None:
+        """Publishes the count on ``/level``: before and after each drain, and when it gets full."""
+        await self.level.publish(self.count, only_if_full)
+
+    def stats(self) -> dict[str, object]:
         """The figures ``/stats`` carries."""
-        return {
-            "count": self.count,
-            "max_storage": self._max,
-            "accepted": self.accepted,
-            "refused": self.refused,
-            "drained": self.drained,
-        }
+        return {"count": self.count, "max_storage": self.args.max_storage, **self.counts}
 
 
-def start(service: EventServiceGrpc, _spec: ServiceSpec, args: StorageArgs) -> list[Awaitable[Any]]:
-    """Builds the storage and returns what it runs beside the server."""
-    storage = Storage(service, args)
-    return [storage.drain(), publish_every(service, "/stats", storage.stats)]
+async def main(spec: ServiceSpec[StorageArgs]) -> int:
+    """Builds the storage service and serves it until Ctrl-C or SIGTERM."""
+    service = EventServiceGrpc(create_server(wire.STORAGE), spec.config)
+    storage = Storage(service, spec.args)
+    return await serve(service, [storage.drain()], stats=storage.stats)
 
 
 if __name__ == "__main__":
-    sys.exit(run_service("The storage of farm-ng-core's service propagation example.", StorageArgs, start))
+    sys.exit(run(DESCRIPTION, StorageArgs, main))

@@ -4,7 +4,7 @@
 #   ./test.sh --all-pythons    the suite on every other supported Python found (3.8-3.12)
 set -euo pipefail
 cd "$(dirname "$0")"
-. ./env.sh
+. tools/env.sh
 if [ "${1:-}" != "--all-pythons" ]; then
   ensure_venv .venv requirements-dev.txt
   exec .venv/bin/python -m pytest "$@"

@@ -11,17 +11,16 @@ from pathlib import Path
 from urllib.parse import parse_qs
 
 import grpc
-from conftest import service_config
 from farm_ng.core.event_client import EventClient
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
 from farm_ng.core.event_service_pb2 import EventServiceConfigList
+from farm_ng.core.events_file_reader import proto_from_json_file
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
-
-from service_runtime import read_config_list
+from helpers import service_config
 
 
 class PlainService:
@@ -96,7 +95,7 @@ async def plain_supervisor(config: Path, name: str, confidence: float) -> None:
     ``subscriptions``; each sample above confidence is stored and the decoded residual
     sent to the agent that published it.
     """
-    config_list: EventServiceConfigList = read_config_list(str(config))
+    config_list: EventServiceConfigList = proto_from_json_file(config, EventServiceConfigList())
     clients = {entry.name: EventClient(entry) for entry in config_list.configs if entry.name != name}
 
     async def relay(subscription: object) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import Services
+from helpers import Services
 
-import bench
+from tools import bench
 
 # Short windows, several steps at once: the figures mean nothing, the table is complete.
 SMOKE_ARGS = ("--seconds", "1", "--jobs", "4")
@@ -32,7 +32,7 @@ def cells(output: str, label: str) -> list[str]:
 # Many processes busy at once: never beside another such test (xdist group).
 @pytest.mark.xdist_group("cpu")
 def test_bench_prints_every_row(services: Services) -> None:
-    process = services.run("bench.py", *SMOKE_ARGS)
+    process = services.tool("bench", *SMOKE_ARGS)
     assert process.wait_exit(90) == 0, process.output
     output = process.output
     for heading in ("machine: ", "python ", "grpcio ", "farm-ng-core ", "load average at start"):
@@ -53,7 +53,7 @@ def test_bench_stops_its_services_on_ctrl_c(
 ) -> None:
     # Its configs go to its temporary directory, so its services' command lines name tmp_path.
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    process = services.run("bench.py", "--quick")
+    process = services.tool("bench", "--quick")
     # Step 2 has begun: step 1's services ran, step 2's are starting.
     process.wait_for(r"^\[2/\d+\] ", timeout=30)
     process.signal(signal.SIGINT)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from conftest import Services, write_config
 from fakes import PlainAgent, PlainStorage, plain_supervisor
+from helpers import Services, write_config
 
 
 def test_our_agent_and_storage_with_a_plain_supervisor(services: Services, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import ROOT, STARTUP_TIMEOUT_S, Process, Services, port_of, write_config
+from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, port_of, write_config
 
 LOOPBACK = {"127.0.0.1", "::1"}
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Services, port_of, write_config
+from helpers import Services, port_of, write_config
 
 
 # Timed: kept off the worker's neighbour of the CPU-heavy tests (same xdist group).

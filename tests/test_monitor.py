@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import STARTUP_TIMEOUT_S, Process, Services, write_config
+from helpers import STARTUP_TIMEOUT_S, Process, Services, write_config
 
 # Agents and the agents each supervisor subscribes to, as in service_config.json.
 SUPERVISED = {"supervisor-1": ("agent-1", "agent-2"), "supervisor-2": ("agent-3",)}
@@ -20,7 +20,7 @@ ONCE_EXIT_S = 15.0
 
 def snapshot(services: Services, config: Path) -> dict[str, list[str]]:
     """Runs ``monitor.py --once``; returns its rows by service: state, then the figures."""
-    once = services.run("monitor.py", "--service-config", str(config), "--once", label="monitor --once")
+    once = services.tool("monitor", "--service-config", str(config), "--once", label="monitor --once")
     assert once.wait_exit(ONCE_EXIT_S) == 0, once.output
     assert "Traceback" not in once.output, once.output
     rows = {}
@@ -105,7 +105,7 @@ def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_pat
     config = write_config(tmp_path)
     # Started first: the services come up while it watches. Its stdout is a pipe, so it
     # prints a plain snapshot every second.
-    live = services.run("monitor.py", "--service-config", str(config), label="monitor")
+    live = services.tool("monitor", "--service-config", str(config), label="monitor")
     live.wait_for(r"^storage\s+down\s+-", timeout=10)
     # Supervisors last: they reach their agents at once, so that the rates they show
     # do not include a second of reconnecting to an agent that was not up yet.
@@ -134,6 +134,6 @@ def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_pat
 
 
 def test_monitor_reports_a_bad_config(services: Services, tmp_path: Path) -> None:
-    monitor = services.run("monitor.py", "--service-config", str(tmp_path / "missing.json"), "--once")
+    monitor = services.tool("monitor", "--service-config", str(tmp_path / "missing.json"), "--once")
     assert monitor.wait_exit(10) == 1
     assert monitor.lines == [f"error: config file {tmp_path / 'missing.json'} does not exist"]

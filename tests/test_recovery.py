@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import Process, Services, stats, write_config
+from helpers import Process, Services, stats, write_config
 
 README_ORDER = ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2", "agent-3"]
 # Propagation through a restarted service must resume within this long of its return.

@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from conftest import Services, collect, request, requests, stats, write_config
 from fakes import PlainAgent
 from farm_ng.core.timestamp_pb2 import Timestamp
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import Int32Value
+from helpers import Services, collect, request, requests, stats, write_config
 
-from service_runtime import RESIDUAL_TIME, SAMPLE_PUBLISHED, find_stamp
+from propagation.wire import RESIDUAL_TIME, SAMPLE_PUBLISHED, find_stamp
 
 
 def test_storage_counts_replies_and_drains(services: Services, tmp_path: Path) -> None:
@@ -59,16 +59,6 @@ def test_agent_publishes_pauses_and_resumes(services: Services, tmp_path: Path) 
     resumed = stats(config, "agent-1")
     assert resumed["paused"] is False
     assert resumed["published"] > paused["published"]
-
-
-def test_agent_ignores_other_paths_and_types(services: Services, tmp_path: Path) -> None:
-    config = write_config(tmp_path)
-    agent = services.service(config, "agent-3")
-    reply = request(config, "agent-3", "/something_else", Int32Value(value=0))
-    assert "google.protobuf.Empty" in reply.event.uri.query
-    request(config, "agent-3", "/update_residual", Empty())
-    agent.wait_for("ignored /update_residual carrying Empty")
-    assert stats(config, "agent-3")["paused"] is False
 
 
 def relayed_sample_stamps(agent: PlainAgent) -> list[float]:

@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from conftest import Services, stats, write_config
+from helpers import Services, stats, write_config
 
 
 def test_walkthrough_propagates(services: Services, tmp_path: Path) -> None:
@@ -73,7 +73,7 @@ def test_log_level_warning_silences_per_sample_lines(services: Services, tmp_pat
 @pytest.mark.xdist_group("cpu")
 def test_launcher_starts_all_and_stops_on_ctrl_c(services: Services, tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    launcher = services.run("launch.py", "--service-config", str(config), label="launch")
+    launcher = services.tool("launch", "--service-config", str(config), label="launch")
     launcher.wait_for(r"^\[launch\] all 6 services are serving", timeout=60)
     launcher.wait_for(r"^\[storage\] Storage: \d+/500 \(\d+ remaining\)$")
     launcher.wait_for(r"^\[supervisor-1\] Residual: value: \d+$")
@@ -90,7 +90,7 @@ def test_launcher_starts_all_and_stops_on_ctrl_c(services: Services, tmp_path: P
 @pytest.mark.xdist_group("cpu")
 def test_launcher_reports_a_service_that_dies(services: Services, tmp_path: Path) -> None:
     config = write_config(tmp_path)
-    launcher = services.run("launch.py", "--service-config", str(config), label="launch")
+    launcher = services.tool("launch", "--service-config", str(config), label="launch")
     launcher.wait_for(r"^\[launch\] all 6 services are serving", timeout=60)
     pid = int(launcher.wait_for(r"^\[launch\] starting agent-2 \(pid (\d+)\)").group(1))
     os.kill(pid, signal.SIGKILL)
@@ -100,8 +100,8 @@ def test_launcher_reports_a_service_that_dies(services: Services, tmp_path: Path
 
 def test_launcher_fails_when_a_service_cannot_start(services: Services, tmp_path: Path) -> None:
     config = write_config(tmp_path, {"supervisor-2": {"args": ["confidence=2"]}})
-    launcher = services.run("launch.py", "--service-config", str(config), label="launch")
+    launcher = services.tool("launch", "--service-config", str(config), label="launch")
     assert launcher.wait_exit(60) == 1, launcher.output
-    launcher.wait_for(r"^\[supervisor-2\] error: service 'supervisor-2': arg confidence=2 must be in \[0, 1\]$")
+    launcher.wait_for(r"^\[supervisor-2\] error: service 'supervisor-2': arg confidence=2 must be in 0..1$")
     launcher.wait_for(r"^\[launch\] supervisor-2 exited with code 1 before serving; stopping the others$")
     assert launcher.count(r"starting agent-") == 0

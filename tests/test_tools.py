@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from conftest import ROOT, STARTUP_TIMEOUT_S, Process, Services, free_ports, write_config
+from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, free_ports, write_config
 
-RECORD_CONFIG = ROOT / "record_config.json"
+RECORD_CONFIG = ROOT / "tools" / "record_config.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -105,7 +105,7 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
     assert all("service_name=agent-3" in uri["query"] for uri in listed["uris"])
 
     args = ("--service-config", str(config), "--service-name", "agent-3", "--path", "/sample", "--count", "3")
-    watch = finish(services.run("watch.py", *args))
+    watch = finish(services.tool("watch", *args))
     assert len(watch.lines) == 3, watch.output
     for line in watch.lines:
         assert re.fullmatch(r'agent-3/sample \d+ \{"sample": [0-9.e-]+, "task_id": 0\.0\}', line), line
@@ -121,7 +121,7 @@ def test_a_recording_reads_back_and_plots(services: Services, tmp_path: Path) ->
         services.service(config, name, wait=False)
     record_config = record_config_for(config, tmp_path)
     command = ("--service-config", str(record_config), "--service-name", "recorder")
-    recorder = services.run("recorder.py", *command, label="recorder")
+    recorder = services.tool("recorder", *command, label="recorder")
     recorder.wait_for(r"^recorder serving on ", STARTUP_TIMEOUT_S)
 
     start = finish(run_module(services, "farm_ng.core.event_service_recorder", "start", *command))
@@ -134,7 +134,7 @@ def test_a_recording_reads_back_and_plots(services: Services, tmp_path: Path) ->
     finish(run_module(services, "farm_ng.core.event_service_recorder", "stop", *command))
     recorder.wait_for("^done recording$")  # the file is closed
 
-    read = finish(services.run("read_recording.py", str(recording)))
+    read = finish(services.tool("read_recording", str(recording)))
     counts = {match.group(1): int(match.group(2)) for match in read.matches(r"^(\S+/\S+) (\d+)$")}
     assert counts.get("agent-3/sample", 0) > 0, read.output
     assert counts.get("storage/stats", 0) > 0, read.output
@@ -143,14 +143,14 @@ def test_a_recording_reads_back_and_plots(services: Services, tmp_path: Path) ->
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed (pip install -r requirements-dev.txt): plot.py not tested")
     picture = tmp_path / "plot.png"
-    finish(services.run("plot.py", str(recording), "-o", str(picture)), timeout=60)
+    finish(services.tool("plot", str(recording), "-o", str(picture)), timeout=60)
     data = picture.read_bytes()
     assert data[:8] == PNG_SIGNATURE
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
     assert (width, height) == (720, 440)
     assert 10_000 < len(data) < 150_000
     # Bad output: one line, no traceback.
-    refused = services.run("plot.py", str(recording), "-o", str(tmp_path / "no-such-folder" / "plot.png"))
+    refused = services.tool("plot", str(recording), "-o", str(tmp_path / "no-such-folder" / "plot.png"))
     assert refused.wait_exit(60) == 1
     assert refused.lines == [
         f"error: cannot write {tmp_path}/no-such-folder/plot.png: folder {tmp_path}/no-such-folder does not exist"

@@ -1,8 +1,8 @@
 """Measures the services: agent rates, propagation latency, the relay ceiling, CPU and memory.
 
-    python bench.py             # one run of 5 s windows, about two and a half minutes
-    python bench.py --quick     # 1 s windows, under a minute: rougher figures
-    python bench.py --runs 3    # the median of three runs of every figure (the README's table)
+    python -m tools.bench             # one run of 5 s windows, about two and a half minutes
+    python -m tools.bench --quick     # 1 s windows, under a minute: rougher figures
+    python -m tools.bench --runs 3    # the median of three runs of every figure (the README's table)
 
 It starts the real scripts (``agent.py``, ``supervisor.py``, ``storage.py``) as processes,
 on free localhost ports, from configs it writes to a temporary directory. It reads the
@@ -45,13 +45,14 @@ from farm_ng.core.event_service_pb2 import SubscribeRequest
 from farm_ng.core.stamp import StampSemantics
 from farm_ng.core.uri_pb2 import Uri
 
-from service_runtime import ConfigError, PeerClient, find_service, read_config_list, role_of
+from propagation.config import ConfigError, find_entry, read_config
+from propagation.peers import PeerClient
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
     from farm_ng.core.event_service_pb2 import EventServiceConfig
 
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 # The name the benchmark's clients give themselves, and their logger's.
 BENCH_CLIENT = "bench"
 SERVING_TIMEOUT_S = 15.0
@@ -136,15 +137,16 @@ class Service:
             BenchError: it exited or did not serve within ``SERVING_TIMEOUT_S``.
 
         """
-        config = find_service(read_config_list(str(config_path)), name)
-        role = role_of(config)
+        entry = find_entry(read_config(str(config_path)), name)
+        config = entry.service_config()
+        role = entry.role
         if role is None:
             msg = f"{name}: not a service of this example"
             raise BenchError(msg)
         script = f"{role}.py"
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(HERE / script),
+            str(ROOT / script),
             "--service-config",
             str(config_path),
             "--service-name",
@@ -351,7 +353,7 @@ class System:
 def default_entries(in_flight: int) -> list[dict[str, Any]]:
     """service_config.json's services as they are, with the supervisors' ``max_in_flight`` set."""
     entries = []
-    for entry in json.loads((HERE / "service_config.json").read_text())["configs"]:
+    for entry in json.loads((ROOT / "service_config.json").read_text())["configs"]:
         if not entry["name"].startswith(("storage", "supervisor", "agent")):
             continue  # e.g. a recorder entry: not ours to run
         if entry["name"].startswith("supervisor"):
@@ -800,15 +802,23 @@ def header(runs: int, window_s: float, jobs: int) -> list[str]:
 # Command line
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     """The command line."""
-    parser = argparse.ArgumentParser(description="Benchmark the services: rates, latency, relay ceiling, CPU, RSS.")
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench", description="Benchmark the services: rates, latency, relay ceiling, CPU, RSS."
+    )
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_WINDOW_S:g} s windows instead of 5 s")
     parser.add_argument("--runs", type=int, default=1, help="runs; the table shows each figure's median")
     # For the test suite: the length of each window, in seconds, and how many steps
     # run at once (their figures then mean nothing).
     parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line, checked."""
+    parser = build_parser()
     cli = parser.parse_args(argv)
     if cli.runs < 1:
         parser.error("--runs must be at least 1")

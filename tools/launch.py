@@ -1,11 +1,15 @@
 """Starts every service of a config, each as its own process, and stops them together.
 
-    python launch.py [--service-config service_config.json]
+    python -m tools.launch [--service-config service_config.json] [--monitor [LOG]]
 
 Storage starts first, then the supervisors, then the agents; each must be serving
 before the next starts. Every line a service prints comes out prefixed with its name
 (``[storage] Storage: 37/500 (463 remaining)``). Ctrl-C or SIGTERM stops them all; if
 one dies, the launcher says which and how, stops the rest and exits non-zero.
+
+Output goes through a bounded queue to a writer thread: if the terminal stalls (``| less``,
+Ctrl-S), lines are dropped and counted, and the launcher keeps reading every service's
+output, so that no service ever waits on a full pipe.
 """
 
 from __future__ import annotations
@@ -16,23 +20,22 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import Any
 
-from service_runtime import ROLES, ConfigError, read_config_list, role_of, run_cli
+from propagation.cli import run_cli
+from propagation.config import ROLES, ConfigError, Entry, read_config, role_of
+from propagation.logs import LogOutput
 
-if TYPE_CHECKING:
-    from farm_ng.core.event_service_pb2 import EventServiceConfig
-
-HERE = Path(__file__).resolve().parent
+ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 
 
-def start_order(configs: list[EventServiceConfig]) -> list[tuple[EventServiceConfig, str]]:
+def start_order(entries: list[Entry]) -> list[tuple[Entry, str]]:
     """The entries this example runs, each with its script: storage, supervisors, agents."""
-    runnable = [(config, role) for config in configs if (role := role_of(config)) is not None]
+    runnable = [(entry, role) for entry in entries if (role := role_of(entry)) is not None]
     runnable.sort(key=lambda pair: ROLES.index(pair[1]))
-    return [(config, f"{role}.py") for config, role in runnable]
+    return [(entry, f"{role}.py") for entry, role in runnable]
 
 
 async def wait_serving(host: str, port: int, timeout: float) -> bool:
@@ -56,17 +59,18 @@ async def wait_serving(host: str, port: int, timeout: float) -> bool:
 class Launched:
     """One service's process and the task that copies its output, prefixed."""
 
-    def __init__(self, name: str, process: asyncio.subprocess.Process, out: TextIO) -> None:
+    def __init__(self, name: str, process: asyncio.subprocess.Process, out: LogOutput) -> None:
         self.name = name
         self.process = process
         self._out = out
         self.output = asyncio.ensure_future(self._copy_output())
 
     async def _copy_output(self) -> None:
+        """Reads every line as it comes, whatever happens to the launcher's own output."""
         assert self.process.stdout is not None
         prefix = f"[{self.name}] "
-        async for line in self.process.stdout:
-            self._out.write(prefix + line.decode(errors="replace"))
+        while line := await self.process.stdout.readline():
+            self._out.write(prefix + line.decode(errors="replace").rstrip("\n"))
 
     def describe_exit(self) -> str:
         """``exited with code 1`` or ``was killed by SIGKILL``."""
@@ -90,22 +94,32 @@ class Launcher:
         """
         self._config_path = config_path
         self._monitor_log = monitor_log
-        self._out: TextIO = sys.stdout
+        self._terminal = LogOutput(sys.stdout)
+        self._out = self._terminal  # the services' output: the terminal, or the log file
         self._running: list[Launched] = []
         self._monitor: asyncio.subprocess.Process | None = None
+        self._why_stopped: str | None = None
 
     def say(self, line: str) -> None:
-        """Prints one line of the launcher's own."""
-        line = f"[launch] {line}\n"
-        self._out.write(line)
-        if self._out is not sys.stdout and self._monitor is None:  # the monitor owns the terminal
-            sys.stdout.write(line)
+        """Prints one line of the launcher's own (to the log too, with the monitor)."""
+        self._out.write(f"[launch] {line}")
+        if self._out is not self._terminal and self._monitor is None:  # else the monitor owns the terminal
+            self._terminal.write(f"[launch] {line}")
 
     async def run(self) -> int:
         """Runs the system until a signal or a service's death; returns the exit code."""
-        plan = self.plan()
-        if self._monitor_log is not None:
-            self._out = open(self._monitor_log, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        try:
+            plan = self.plan()
+            if self._monitor_log is not None:
+                self._out = LogOutput(open(self._monitor_log, "a", encoding="utf-8"))  # noqa: SIM115
+            return await self.run_until_stopped(plan)
+        finally:
+            if self._out is not self._terminal:
+                self._out.close()
+            self._terminal.close()
+
+    async def run_until_stopped(self, plan: list[tuple[Entry, str]]) -> int:
+        """Starts the plan and runs it until a signal, a death or the monitor's exit."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         # SIGHUP too: closing the terminal must not orphan the services, which live in
@@ -119,26 +133,26 @@ class Launcher:
             stopping.cancel()
             await self.shut_down()
 
-    def plan(self) -> list[tuple[EventServiceConfig, str]]:
+    def plan(self) -> list[tuple[Entry, str]]:
         """The entries to start, in order, each with its script.
 
         Raises:
             ConfigError: the config is unreadable or has nothing to start.
         """
-        configs = list(read_config_list(self._config_path).configs)
-        for config in configs:
-            if role_of(config) is None:
-                self.say(f"skipping {config.name!r}: not a service of this example (no port or unknown role)")
-        plan = start_order(configs)
+        entries = read_config(self._config_path)
+        for entry in entries:
+            if role_of(entry) is None:
+                self.say(f"skipping {entry.name!r}: not a service of this example (no port or unknown role)")
+        plan = start_order(entries)
         if not plan:
             msg = f"{self._config_path} has no storage, supervisor or agent entry"
             raise ConfigError(msg)
         return plan
 
-    async def run_plan(self, plan: list[tuple[EventServiceConfig, str]], stopping: asyncio.Future[bool]) -> int:
+    async def run_plan(self, plan: list[tuple[Entry, str]], stopping: asyncio.Future[bool]) -> int:
         """Starts each service in turn, then waits for a signal, a death or the monitor's exit."""
-        for config, script in plan:
-            if not await self.start(config, script, stopping):
+        for entry, script in plan:
+            if not await self.start(entry, script, stopping):
                 return 0 if stopping.done() else 1
         self.say(f"all {len(plan)} services are serving; Ctrl-C stops them")
         exits = {asyncio.ensure_future(launched.process.wait()): launched for launched in self._running}
@@ -150,32 +164,34 @@ class Launcher:
         for finished in done & exits.keys():
             launched = exits[finished]
             await launched.output
-            self.say(f"{launched.name} {launched.describe_exit()}; stopping the others")
+            self._why_stopped = f"{launched.name} {launched.describe_exit()}"
+            self.say(f"{self._why_stopped}; stopping the others")
             return 1
         if monitor is not None and monitor in done:
             return monitor.result()
         return 0
 
     async def shut_down(self) -> None:
-        """Stops everything started and says how that went."""
+        """Stops everything started and says how that went (on the terminal too, after the monitor)."""
+        had_monitor = self._monitor is not None
         failed = await self.stop_all()
         self._monitor = None
+        if had_monitor and self._why_stopped is not None:
+            self._terminal.write(f"[launch] {self._why_stopped}; its last lines are in {self._monitor_log}")
         if failed:
             self.say(f"not stopped cleanly: {', '.join(failed)}")
         elif self._running:
             self.say(f"stopped all {len(self._running)} services")
-        if self._out is not sys.stdout:
-            self._out.close()
 
-    async def start(self, config: EventServiceConfig, script: str, stopping: asyncio.Future[bool]) -> bool:
+    async def start(self, entry: Entry, script: str, stopping: asyncio.Future[bool]) -> bool:
         """Starts one service and waits until it serves; False if it died or timed out."""
         process = await asyncio.create_subprocess_exec(
             sys.executable,
-            str(HERE / script),
+            str(ROOT / script),
             "--service-config",
             self._config_path,
             "--service-name",
-            config.name,
+            entry.name,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             # Its own session: Ctrl-C reaches the launcher alone, which stops every
@@ -183,25 +199,25 @@ class Launcher:
             start_new_session=True,
         )
         self.say(
-            f"starting {config.name} (pid {process.pid}): "
-            f"python {script} --service-config {self._config_path} --service-name {config.name}"
+            f"starting {entry.name} (pid {process.pid}): "
+            f"python {script} --service-config {self._config_path} --service-name {entry.name}"
         )
-        launched = Launched(config.name, process, self._out)
+        launched = Launched(entry.name, process, self._out)
         self._running.append(launched)
-        serving = asyncio.ensure_future(wait_serving(config.host, config.port, READY_TIMEOUT_S))
+        serving = asyncio.ensure_future(wait_serving(entry.host, entry.port, READY_TIMEOUT_S))
         exited = asyncio.ensure_future(process.wait())
         await asyncio.wait([serving, exited, stopping], return_when=asyncio.FIRST_COMPLETED)
         if exited.done():
             serving.cancel()
             await launched.output
-            self.say(f"{config.name} {launched.describe_exit()} before serving; stopping the others")
+            self.say(f"{entry.name} {launched.describe_exit()} before serving; stopping the others")
             return False
         exited.cancel()
         if stopping.done():
             serving.cancel()
             return False
         if not serving.result():
-            self.say(f"{config.name} is not serving on {config.host}:{config.port} after {READY_TIMEOUT_S:g} s")
+            self.say(f"{entry.name} is not serving on {entry.host}:{entry.port} after {READY_TIMEOUT_S:g} s")
             return False
         return True
 
@@ -209,7 +225,12 @@ class Launcher:
         """Runs the monitor in the terminal; returns a future of its exit code."""
         self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
         self._monitor = await asyncio.create_subprocess_exec(
-            sys.executable, str(HERE / "monitor.py"), "--service-config", self._config_path
+            sys.executable,
+            "-m",
+            "tools.monitor",
+            "--service-config",
+            str(Path(self._config_path).resolve()),
+            cwd=ROOT,
         )
         return asyncio.ensure_future(self._monitor.wait())
 
@@ -234,9 +255,11 @@ class Launcher:
         return failed
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parses the command line and runs the launcher."""
-    parser = argparse.ArgumentParser(description="Start every service of the config; Ctrl-C stops them all.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.launch", description="Start every service of the config; Ctrl-C stops them all."
+    )
     parser.add_argument("--service-config", default="service_config.json", help="the config to launch")
     parser.add_argument(
         "--monitor",
@@ -245,8 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LOG",
         help="show the live monitor instead of the logs, which go to LOG (default launch.log)",
     )
-    cli = parser.parse_args(argv)
-    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line and runs the launcher."""
+    cli = build_parser().parse_args(argv)
     return run_cli(lambda: asyncio.run(Launcher(cli.service_config, cli.monitor).run()))
 
 

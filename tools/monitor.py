@@ -1,7 +1,7 @@
 """Monitor: a live view of every service of a config, from what they publish.
 
-    python monitor.py --service-config service_config.json          # live, in the terminal
-    python monitor.py --service-config service_config.json --once   # one plain-text snapshot
+    python -m tools.monitor --service-config service_config.json          # live, in the terminal
+    python -m tools.monitor --service-config service_config.json --once   # one plain-text snapshot
 
 Each service publishes its counters on ``/stats`` (a latched ``Struct``) every second.
 The monitor subscribes to them all and turns two ``/stats`` of a service into rates:
@@ -37,11 +37,12 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from service_runtime import ConfigError, PeerClient, check_endpoint, read_config_list, role_of, run_cli
+from propagation.cli import run_cli
+from propagation.config import ConfigError, Entry, check_endpoint, read_config, role_of
+from propagation.peers import PeerClient
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
-    from farm_ng.core.event_service_pb2 import EventServiceConfig
 
 # A service that sent no /stats for this long is down. It publishes every second, so
 # this allows for one late message.
@@ -76,9 +77,9 @@ class Stats:
 class ServiceView:
     """What the monitor knows about one service: its recent ``/stats``."""
 
-    def __init__(self, config: EventServiceConfig, role: str) -> None:
-        self.config = config
-        self.name = config.name
+    def __init__(self, entry: Entry, role: str) -> None:
+        self.entry = entry
+        self.name = entry.name
         self.role = role
         self.history: deque[Stats] = deque()
         self.heard: float | None = None  # the monitor's monotonic clock
@@ -133,11 +134,11 @@ def views_of(config_path: str) -> list[ServiceView]:
 
     """
     views = []
-    for config in read_config_list(config_path).configs:
-        role = role_of(config)
+    for entry in read_config(config_path):
+        role = role_of(entry)
         if role is not None:
-            check_endpoint(config)
-            views.append(ServiceView(config, role))
+            check_endpoint(entry)
+            views.append(ServiceView(entry, role))
     if not views:
         msg = f"{config_path} has no storage, supervisor or agent entry with a port"
         raise ConfigError(msg)
@@ -146,7 +147,7 @@ def views_of(config_path: str) -> list[ServiceView]:
 
 async def listen(view: ServiceView) -> None:
     """Follows one service's ``/stats`` until cancelled, across its restarts."""
-    client = PeerClient(view.config, "monitor")
+    client = PeerClient(view.entry.service_config(), "monitor")
     request = SubscribeRequest(uri=Uri(path="/stats", query=f"service_name={view.name}"), every_n=1)
     try:
         async for event, message in client.subscribe(request, decode=True):
@@ -365,12 +366,19 @@ async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), seconds)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parses the command line and runs the monitor; returns the exit code."""
-    parser = argparse.ArgumentParser(description="A live view of the services of a config.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.monitor", description="A live view of the services of a config."
+    )
     parser.add_argument("--service-config", default="service_config.json", help="the config whose services to watch")
     parser.add_argument("--once", action="store_true", help="print one plain-text snapshot and exit")
-    cli = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line and runs the monitor; returns the exit code."""
+    cli = build_parser().parse_args(argv)
     # The tables say who is down; PeerClient's lines about it would scroll the view.
     logging.disable(logging.WARNING)
     return run_cli(lambda: asyncio.run(monitor(views_of(cli.service_config), cli.once)))

@@ -1,7 +1,7 @@
 """Plot a recording: storage's fill over time, and each agent's samples/s with its pauses.
 
-    python plot.py recordings -o fill.png     # the newest recording there
-    python plot.py RECORDING.0000.bin         # writes RECORDING.0000.png
+    python -m tools.plot recordings -o fill.png     # the newest recording there
+    python -m tools.plot RECORDING.0000.bin         # writes RECORDING.0000.png
 
 The recording must hold storage's ``/stats`` and ``/residual``, and each agent's
 ``/sample`` and ``/stats`` (``record_config.json`` records them). The upper panel is the
@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
-from read_recording import read_events, recording_file, sent_at
-from service_runtime import ConfigError, run_cli
+from propagation.cli import run_cli
+from propagation.config import ConfigError
+from tools.read_recording import read_messages, recording_file, sent_at
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -61,13 +62,12 @@ class Recording:
     samples: dict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(list))
     rates: dict[str, float] = dataclasses.field(default_factory=dict)
 
-    def add(self, event: Event, message: Message) -> None:
-        """Takes in one event if it is one the plot shows."""
+    def add(self, name: str, event: Event, message: Message) -> None:
+        """Takes in one event if it is one the plot shows (``name``: ``agent-1/sample``)."""
         stamp = sent_at(event)
         if stamp is None:
             return
-        # The reader names paths after their service: "agent-1/sample".
-        service, _, path = event.uri.path.partition("/")
+        service, _, path = name.partition("/")
         if service.startswith("storage") and path == "stats" and isinstance(message, Struct):
             self.fill.append((stamp, message["count"]))
             self.max_storage = message["max_storage"]
@@ -99,8 +99,8 @@ class Recording:
 def load(file: Path) -> Recording:
     """Reads the events the plot shows from a recording."""
     recording = Recording()
-    for event, message in read_events(file):
-        recording.add(event, message)
+    for name, event, message in read_messages(file):
+        recording.add(name, event, message)
     return recording
 
 
@@ -188,12 +188,19 @@ def draw_rates(axes: Any, recording: Recording, start: float) -> None:
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Plots a recording into a PNG; returns the exit code."""
-    parser = argparse.ArgumentParser(description="Plot storage's fill and the agents' sample rates of a recording.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.plot", description="Plot storage's fill and the agents' sample rates of a recording."
+    )
     parser.add_argument("recording", help="a recording (.bin), or a directory: its newest recording")
     parser.add_argument("-o", "--output", help="the PNG to write (default: the recording's name, .png)")
-    cli = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Plots a recording into a PNG; returns the exit code."""
+    cli = build_parser().parse_args(argv)
     # Optional: only this script needs matplotlib.
     try:
         import matplotlib  # noqa: PLC0415

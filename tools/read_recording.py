@@ -1,7 +1,7 @@
 """Read a recording back: how many events of each path it holds.
 
-    python read_recording.py recordings                       # the newest recording there
-    python read_recording.py recordings/2025_01_31_12_00_00_000000_host.0000.bin
+    python -m tools.read_recording recordings                 # the newest recording there
+    python -m tools.read_recording recordings/2025_01_31_12_00_00_000000_host.0000.bin
 
 prints one line per path, then a total:
 
@@ -9,27 +9,32 @@ prints one line per path, then a total:
     storage/stats 10
     1234 events, 9.8 s
 
-The recording is a file that farm-ng-core's ``event_service_recorder`` wrote. Its
-``EventsFileReader`` reads it; it names each path after the service that published
-it (``agent-1/sample``).
+The recording is a file that farm-ng-core's ``event_service_recorder`` wrote: each event
+is a 4-byte length, the ``Event``, then its payload. farm-ng-core's ``EventsFileReader``
+decodes a payload by the type its event names, importing the module that names: a file
+from elsewhere could run code. Here each payload is decoded by its path (``wire``), and
+the sizes are bounded.
 """
 
 from __future__ import annotations
 
 import argparse
+import struct
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import Iterator
 
-from farm_ng.core.events_file_reader import EventsFileReader
+from farm_ng.core.event_pb2 import Event
 from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
+from google.protobuf.message import DecodeError, Message
 
-from service_runtime import ConfigError, run_cli
+from propagation.cli import run_cli
+from propagation.config import ConfigError, service_name_in
+from propagation.serving import MAX_MESSAGE_BYTES
+from propagation.wire import PUBLISHED, WrongMessage, decode
 
-if TYPE_CHECKING:
-    from farm_ng.core.event_pb2 import Event
-    from google.protobuf.message import Message
+LENGTH = struct.Struct("<I")
 
 
 def recording_file(path: str) -> Path:
@@ -53,10 +58,48 @@ def recording_file(path: str) -> Path:
     return given
 
 
-def read_events(file: Path) -> Iterator[tuple[Event, Message]]:
-    """Every event of a recording with its decoded message, in the order recorded."""
-    with EventsFileReader(file) as reader:
-        yield from reader.read_messages()
+def read_events(file: Path) -> Iterator[tuple[str, Event, bytes]]:
+    """Every event of a recording, in the order recorded: ``(service/path, event, payload)``.
+
+    Raises:
+        ConfigError: the file is damaged (a length beyond the limits, or an event that
+            does not parse).
+
+    """
+    with file.open("rb") as stream:
+        while header := stream.read(LENGTH.size):
+            (length,) = LENGTH.unpack(header) if len(header) == LENGTH.size else (None,)
+            if length is None or length > MAX_MESSAGE_BYTES:
+                raise _damaged(file, stream.tell())
+            try:
+                event = Event.FromString(stream.read(length))
+            except DecodeError:
+                raise _damaged(file, stream.tell()) from None
+            if event.payload_length > MAX_MESSAGE_BYTES:
+                raise _damaged(file, stream.tell())
+            payload = stream.read(event.payload_length)
+            if len(payload) < event.payload_length:
+                return  # cut short: the recorder was stopped while writing
+            yield f"{service_name_in(event.uri.query) or '?'}{event.uri.path}", event, payload
+
+
+def _damaged(file: Path, where: int) -> ConfigError:
+    return ConfigError(f"recording {file} is damaged near byte {where}")
+
+
+def read_messages(file: Path) -> Iterator[tuple[str, Event, Message]]:
+    """The events of a recording whose path this example knows, each decoded as its path's type.
+
+    Events of other paths, and events that are not of their path's type, are skipped.
+    """
+    for name, event, payload in read_events(file):
+        kind = PUBLISHED.get(event.uri.path)
+        if kind is None:
+            continue
+        try:
+            yield name, event, decode(event, payload, kind)
+        except WrongMessage:
+            continue
 
 
 def sent_at(event: Event) -> float | None:
@@ -68,24 +111,29 @@ def summary(file: Path) -> list[str]:
     """``<path> <count>`` per path, then the number of events and the time they span."""
     counts: Counter[str] = Counter()
     stamps = []
-    with EventsFileReader(file) as reader:
-        # The index reads events without decoding their messages.
-        for position in reader.get_index():
-            counts[position.event.uri.path] += 1
-            stamp = sent_at(position.event)
-            if stamp is not None:
-                stamps.append(stamp)
+    for name, event, _ in read_events(file):
+        counts[name] += 1
+        stamp = sent_at(event)
+        if stamp is not None:
+            stamps.append(stamp)
     lines = [f"{path} {count}" for path, count in sorted(counts.items())]
     span = max(stamps) - min(stamps) if stamps else 0.0
     lines.append(f"{sum(counts.values())} events, {span:.1f} s")
     return lines
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.read_recording", description="Count the events of each path in a recording."
+    )
+    parser.add_argument("recording", help="a recording (.bin), or a directory: its newest recording")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     """Prints the summary of a recording; returns the exit code."""
-    parser = argparse.ArgumentParser(description="Count the events of each path in a recording.")
-    parser.add_argument("recording", help="a recording (.bin), or a directory: its newest recording")
-    cli = parser.parse_args(argv)
+    cli = build_parser().parse_args(argv)
 
     def body() -> None:
         file = recording_file(cli.recording)

@@ -1,8 +1,10 @@
 """Recorder: serves farm-ng-core's ``RecorderService``; its ``start``/``stop`` commands drive it.
 
-    python recorder.py --service-config record_config.json --service-name recorder
-    python -m farm_ng.core.event_service_recorder start --service-config record_config.json --service-name recorder
-    python -m farm_ng.core.event_service_recorder stop --service-config record_config.json --service-name recorder
+    python -m tools.recorder --service-config tools/record_config.json --service-name recorder
+    python -m farm_ng.core.event_service_recorder start \
+        --service-config tools/record_config.json --service-name recorder
+    python -m farm_ng.core.event_service_recorder stop \
+        --service-config tools/record_config.json --service-name recorder
 
 ``start`` records what the port-less ``record_default`` entry of the config subscribes to
 into ``<data dir>/<UTC time>_<host>.0000.bin`` and prints that name without the
@@ -12,81 +14,80 @@ into ``<data dir>/<UTC time>_<host>.0000.bin`` and prints that name without the
 farm-ng-core's own ``python -m farm_ng.core.event_service_recorder service`` serves the
 same ``RecorderService``, but it builds its gRPC server before the event loop runs,
 which fails on Python 3.12 ("attached to a different loop"), and it listens on every
-interface. Here the server is built inside the loop and listens on the entry's host
-and port only, as the services do; Ctrl-C closes a recording in progress.
+interface. Here the server is built inside the loop, listens on the entry's host and
+port only, and refuses any request but ``/start/record_default`` (carrying an
+``EventServiceConfigList``) and ``/stop`` (``Empty``): ``RecorderService`` decodes
+``/start`` by the type the request names. Ctrl-C closes a recording in progress.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import sys
-from typing import TYPE_CHECKING
 
+from farm_ng.core.event_service import EventServiceGrpc
+from farm_ng.core.event_service_pb2 import EventServiceConfigList
 from farm_ng.core.event_service_recorder import RecorderService
+from google.protobuf.empty_pb2 import Empty
 
-from service_runtime import (
-    STOP_GRACE_S,
-    ConfigError,
-    bind,
-    check_endpoint,
-    configure_logging,
-    create_service,
-    find_service,
-    read_config_list,
-    run_cli,
-)
+from propagation.cli import run_cli
+from propagation.config import ConfigError, Entry, check_endpoint, find_entry, read_config
+from propagation.logs import configure_logging
+from propagation.serving import create_server, serve
+from propagation.wire import Contract
 
-if TYPE_CHECKING:
-    from farm_ng.core.event_service_pb2 import EventServiceConfig
+# What the recorder answers, and what each request carries in.
+RECORDER = Contract(requests={"/start/record_default": EventServiceConfigList, "/stop": Empty}, publishes=("/health",))
 
 
-def check_data_dir(config: EventServiceConfig) -> None:
+def check_data_dir(entry: Entry) -> None:
     """Checks that the entry's args name a data directory, as ``RecorderService`` needs.
 
     Raises:
         ConfigError: no ``--data-dir`` among the args.
 
     """
-    if not any(arg == "--data-dir" or arg.startswith("--data-dir=") for arg in config.args):
-        msg = f'service {config.name!r} needs args ["--data-dir=<directory for recordings>"]'
+    if not any(arg == "--data-dir" or arg.startswith("--data-dir=") for arg in entry.args):
+        msg = f'service {entry.name!r} needs args ["--data-dir=<directory for recordings>"]'
         raise ConfigError(msg)
 
 
-async def serve(config: EventServiceConfig) -> None:
-    """Serves the recorder until Ctrl-C or SIGTERM."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    service = create_service(config)
+async def serve_recorder(entry: Entry) -> int:
+    """Serves the recorder until Ctrl-C or SIGTERM, then closes a recording in progress."""
+    service = EventServiceGrpc(create_server(RECORDER), entry.service_config())
     recorder = RecorderService(service)
-    address = bind(service)
-    await service.server.start()
-    health = asyncio.ensure_future(service.publish_health_metrics())
-    service.logger.info("%s serving on %s", config.name, address)
-    await stop.wait()
-    await recorder.stop_recording()
-    await service.server.stop(STOP_GRACE_S)
-    health.cancel()
-    # asyncio.run then cancels the recording task, if any, and waits for it: the
-    # recording file is closed on the way out.
+    try:
+        return await serve(service)
+    finally:
+        await recorder.stop_recording()
+        # asyncio.run then cancels the recording task, if any, and waits for it: the
+        # recording file is closed on the way out.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.recorder", description="Serve farm-ng-core's recorder; start and stop drive it."
+    )
+    parser.add_argument("--service-config", required=True, help="the EventServiceConfigList JSON file")
+    parser.add_argument("--service-name", required=True, help="the recorder's entry in the config")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line and serves the recorder; returns the exit code."""
-    parser = argparse.ArgumentParser(description="Serve farm-ng-core's recorder; start and stop drive it.")
-    parser.add_argument("--service-config", required=True, help="the EventServiceConfigList JSON file")
-    parser.add_argument("--service-name", required=True, help="the recorder's entry in the config")
-    cli = parser.parse_args(argv)
+    cli = build_parser().parse_args(argv)
 
-    def body() -> None:
-        config = find_service(read_config_list(cli.service_config), cli.service_name, cli.service_config)
-        check_endpoint(config)
-        check_data_dir(config)
-        configure_logging(config)
-        asyncio.run(serve(config))
+    def body() -> int:
+        entry = find_entry(read_config(cli.service_config), cli.service_name, cli.service_config)
+        check_endpoint(entry)
+        check_data_dir(entry)
+        output = configure_logging(entry.log_level)
+        try:
+            return asyncio.run(serve_recorder(entry))
+        finally:
+            output.close()
 
     return run_cli(body)
 

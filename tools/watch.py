@@ -1,6 +1,6 @@
 """Watch: prints what a service publishes, decoded, one event a line.
 
-    python watch.py --service-config service_config.json --service-name agent-3 --path /sample --count 5
+    python -m tools.watch --service-config service_config.json --service-name agent-3 --path /sample --count 5
 
 prints lines such as
 
@@ -27,7 +27,9 @@ from farm_ng.core.uri_pb2 import Uri
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from service_runtime import ConfigError, PeerClient, check_endpoint, find_service, read_config_list, run_cli
+from propagation.cli import run_cli
+from propagation.config import ConfigError, check_endpoint, find_entry, read_config
+from propagation.peers import PeerClient
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -74,25 +76,32 @@ async def print_events(config: EventServiceConfig, path: str, count: int | None)
         await client.close()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parses the command line and prints events; returns the exit code."""
-    parser = argparse.ArgumentParser(description="Print what a service publishes, decoded, one event a line.")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.watch", description="Print what a service publishes, decoded, one event a line."
+    )
     parser.add_argument("--service-config", required=True, help="the EventServiceConfigList JSON file")
     parser.add_argument("--service-name", required=True, help="the service to watch")
     parser.add_argument("--path", default="*", help="the path to follow, e.g. /sample; '*' (default) is every path")
     parser.add_argument("--count", type=int, help="stop after this many events")
-    cli = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the command line and prints events; returns the exit code."""
+    cli = build_parser().parse_args(argv)
     # Only events go to stdout: PeerClient's lines about a peer coming and going would
     # mix with them.
     logging.disable(logging.WARNING)
 
     def body() -> None:
-        config = find_service(read_config_list(cli.service_config), cli.service_name, cli.service_config)
-        check_endpoint(config)
+        entry = find_entry(read_config(cli.service_config), cli.service_name, cli.service_config)
+        check_endpoint(entry)
         if cli.count is not None and cli.count < 1:
             msg = f"--count {cli.count} must be at least 1"
             raise ConfigError(msg)
-        asyncio.run(watch(config, cli.path, cli.count))
+        asyncio.run(watch(entry.service_config(), cli.path, cli.count))
 
     return run_cli(body)
 

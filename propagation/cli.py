@@ -1,0 +1,142 @@
+"""Every service's command line: one line for bad input, a quiet Ctrl-C, an exit code.
+
+    python agent.py --service-config service_config.json --service-name agent-1
+
+Standard library only: a script calls ``exit_on_bad_input`` before it imports gRPC and
+farm-ng-core, which take seconds to load on a busy machine; bad input is refused first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import os
+import signal
+import sys
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, Sequence, TypeVar
+
+from propagation.config import ConfigError, Entry, check_entry, find_entry, parse_args, read_config
+
+if TYPE_CHECKING:
+    from farm_ng.core.event_service_pb2 import EventServiceConfig
+
+__all__ = ["ServiceSpec", "exit_on_bad_input", "load", "report_error", "run", "run_cli"]
+
+ArgsT = TypeVar("ArgsT")
+
+# The signals that stop a service: Ctrl-C, kill, and a terminal that closed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSpec(Generic[ArgsT]):
+    """What the command line named, checked: the entry, its args and the whole config."""
+
+    entry: Entry
+    entries: tuple[Entry, ...]
+    args: ArgsT
+
+    @property
+    def config(self) -> EventServiceConfig:
+        """The entry of the service to run, as farm-ng-core's ``EventServiceConfig``."""
+        return self.config_of(self.entry.name)
+
+    def config_of(self, name: str) -> EventServiceConfig:
+        """The entry called ``name`` as an ``EventServiceConfig`` (for a peer's client)."""
+        return find_entry(self.entries, name).service_config()
+
+
+def load(description: str, args_type: type[ArgsT], argv: Sequence[str] | None = None) -> ServiceSpec[ArgsT]:
+    """Parses the command line, reads the config, checks the entry and parses its args.
+
+    Raises:
+        ConfigError: naming the file, service, arg or value at fault.
+        SystemExit: the command line itself is wrong (argparse's usage line, exit 2).
+
+    """
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--service-config", required=True, help="the EventServiceConfigList JSON file")
+    parser.add_argument("--service-name", required=True, help="which entry of the config to run")
+    cli = parser.parse_args(argv)
+    entries = read_config(cli.service_config)
+    entry = find_entry(entries, cli.service_name, cli.service_config)
+    check_entry(entry, entries)
+    return ServiceSpec(entry, tuple(entries), parse_args(entry, args_type))
+
+
+def exit_on_bad_input(description: str, args_type: type[Any]) -> None:
+    """Exits with one ``error:`` line and code 1 if the command line or config is bad.
+
+    Called before the heavy imports; from then on Ctrl-C, SIGTERM and SIGHUP end the
+    process quietly with code 0 until the service takes them over.
+    """
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _exit_quietly)
+    try:
+        load(description, args_type)
+    except ConfigError as exc:
+        sys.exit(report_error(exc))
+
+
+def run(
+    description: str,
+    args_type: type[ArgsT],
+    main: Callable[[ServiceSpec[ArgsT]], Awaitable[int | None]],
+    argv: Sequence[str] | None = None,
+) -> int:
+    """Runs a service: loads its spec, sets up logging, runs ``main`` in an event loop.
+
+    Returns:
+        The exit code: what ``main`` returns (0 for None), 1 for bad input.
+
+    """
+
+    def body() -> int:
+        from propagation.logs import configure_logging  # noqa: PLC0415 (after the checks)
+
+        spec = load(description, args_type, argv)
+        output = configure_logging(spec.entry.log_level)
+        try:
+            return asyncio.run(main(spec)) or 0  # type: ignore[arg-type]
+        finally:
+            output.close()
+
+    return run_cli(body)
+
+
+def run_cli(body: Callable[[], int | None]) -> int:
+    """Runs a script's body and returns its exit code, for ``sys.exit``.
+
+    A ``ConfigError`` becomes one ``error: ...`` line and exit code 1; Ctrl-C at any
+    moment ends quietly with 0, a second or third one too.
+    """
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
+            signal.signal(signum, _exit_quietly)
+    try:
+        return body() or 0
+    except ConfigError as exc:
+        return report_error(exc)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        # asyncio restores the default handlers on its way out: a Ctrl-C while the
+        # interpreter shuts down must not print a traceback either.
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _exit_quietly)
+
+
+def report_error(exc: ConfigError) -> int:
+    """Prints ``error: <problem>`` as one line on stderr; returns the exit code, 1."""
+    # A closed stderr or a broken pipe: the exit code still says it.
+    with contextlib.suppress(OSError, AttributeError):
+        print("error:", " ".join(str(exc).split()), file=sys.stderr, flush=True)
+    return 1
+
+
+def _exit_quietly(signum: int, _frame: object) -> None:
+    # Before the service has a port or a file open there is nothing to clean up;
+    # os._exit also skips the flush of a stdout that may be a broken pipe.
+    os._exit(0)

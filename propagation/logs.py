@@ -1,0 +1,240 @@
+"""Log lines: each once, through a queue, so that a stalled terminal never stops a service.
+
+- ``configure_logging``: every record goes to a bounded queue; a thread writes the queue to
+  stdout (the standard library's ``QueueHandler`` and ``QueueListener``). When the output
+  stalls (``| less``, Ctrl-S, a full pipe) the queue fills and further lines are dropped
+  and counted, never waited for; the count is printed when the output flows again. A
+  closed stdout or a broken pipe silences the output and nothing else.
+- ``Tally``: a problem that may repeat thousands of times a second (a refused request,
+  an event dropped for a slow subscriber) logs its first occurrence, then one line per
+  interval with the count.
+- farm-ng-core's own per-event ``dropped N sequence M path: P`` warnings go to a tally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import queue
+import sys
+import threading
+import time
+from typing import IO
+
+__all__ = ["LogOutput", "Tally", "configure_logging"]
+
+# Lines waiting for the terminal: a few seconds of a service at INFO.
+QUEUE_LINES = 10_000
+# How often a repeating problem is summed up in one line.
+TALLY_INTERVAL_S = 10.0
+# farm-ng-core's EventServiceGrpc warns with this for every event a full subscriber
+# queue drops.
+FARM_NG_DROPPED = "dropped %d sequence %d path: %s"
+
+
+class LogOutput:
+    """Where the log lines go: a writer thread behind a bounded queue."""
+
+    def __init__(self, stream: IO[str] | None, lines: int = QUEUE_LINES) -> None:
+        self._lock = threading.Lock()
+        self._dropped = 0
+        self._writer = _FileWriter(stream, self)
+        self._queue: queue.Queue[logging.LogRecord] = queue.Queue(lines)
+        self.handler = _DroppingQueueHandler(self._queue, self)
+        self._listener = logging.handlers.QueueListener(self._queue, self._writer)
+        self._listener.start()
+
+    def write(self, line: str) -> None:
+        """Queues one line as it is (no level prefix), never waiting."""
+        self.handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
+
+    def count_dropped(self) -> None:
+        """Counts a line that found the queue full."""
+        with self._lock:
+            self._dropped += 1
+
+    def take_dropped(self) -> int:
+        """The lines dropped since the last call."""
+        with self._lock:
+            dropped, self._dropped = self._dropped, 0
+        return dropped
+
+    def close(self) -> None:
+        """Writes what is queued, then stops the thread; waits a second at most.
+
+        ``QueueListener.stop()`` waits for the thread without bound: with a stalled
+        terminal that would be forever. It runs in a thread of its own here, and the
+        writer is a daemon thread: the process may exit without it.
+        """
+
+        def stop() -> None:
+            with contextlib.suppress(queue.Full):  # full: the stalled lines are dropped
+                self._listener.stop()
+
+        stopping = threading.Thread(target=stop, daemon=True)
+        stopping.start()
+        stopping.join(1.0)
+
+
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Puts records on the queue without waiting; a full queue counts the line as dropped."""
+
+    def __init__(self, lines: queue.Queue[logging.LogRecord], output: LogOutput) -> None:
+        super().__init__(lines)
+        self._output = output
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self._output.count_dropped()
+
+
+class _FileWriter(logging.Handler):
+    """Writes each line to a file descriptor with ``os.write``; goes quiet for good if it is closed.
+
+    ``os.write`` and no Python file object: a thread blocked on a stalled terminal then
+    holds no lock that the interpreter needs to exit (a blocked ``sys.stdout`` would make
+    the exit wait for it, or abort).
+    """
+
+    def __init__(self, stream: IO[str] | None, output: LogOutput) -> None:
+        super().__init__()
+        self.setFormatter(_LevelPrefixFormatter())
+        self._output = output
+        self._stream = stream  # kept open: the descriptor is its
+        self._fd = _descriptor_of(stream)
+        self._is_stdout = stream is sys.stdout
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._fd is None:
+            return
+        dropped = self._output.take_dropped()
+        text = self.format(record) + "\n"
+        if dropped:
+            text = f"WARNING: {dropped} log lines dropped while the output was blocked\n{text}"
+        data = text.encode(errors="replace")
+        try:
+            while data:
+                data = data[os.write(self._fd, data) :]
+        except OSError as exc:
+            self._go_quiet(exc)
+
+    def _go_quiet(self, exc: OSError) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None and self._is_stdout and exc.errno in (errno.EPIPE, errno.EBADF, errno.EIO):
+            # Python flushes stdout once more at exit; to a broken pipe that prints an
+            # "Exception ignored" message. Point stdout at /dev/null instead.
+            with contextlib.suppress(OSError):
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, fd)
+                os.close(devnull)
+
+
+def _descriptor_of(stream: IO[str] | None) -> int | None:
+    """The file descriptor under ``stream``; None if there is none (stdout closed at start)."""
+    if stream is None:
+        return None
+    try:
+        return stream.fileno()
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+class _LevelPrefixFormatter(logging.Formatter):
+    """``message`` for INFO and below, ``WARNING: message`` above."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        return line if record.levelno <= logging.INFO else f"{record.levelname}: {line}"
+
+
+def configure_logging(level: int) -> LogOutput:
+    """Sends every log line once to stdout, through a queue, at ``level`` (INFO if 0).
+
+    Importing ``farm_ng.core.event_client`` runs ``logging.basicConfig`` and each
+    ``EventServiceGrpc`` adds a stderr handler of its own (``serving`` removes that one):
+    left alone every line would print twice. Here the root logger alone prints.
+
+    Returns:
+        The output, to ``close()`` on the way out.
+
+    """
+    output = LogOutput(sys.stdout)
+    output.handler.addFilter(FarmNgDropFilter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(output.handler)
+    root.setLevel(level or logging.INFO)
+    return output
+
+
+class Tally:
+    """Logs a repeating problem once, then once per interval with how many there were.
+
+    ``add(kind)`` from the event loop; each kind is a message template of its own. A line
+    for a kind is logged at once when it is new, then at most once per ``interval`` with
+    the number since the last line. ``totals`` has every kind's count since the start.
+    """
+
+    def __init__(
+        self, logger: logging.Logger, interval: float = TALLY_INTERVAL_S, level: int = logging.WARNING
+    ) -> None:
+        self._logger = logger
+        self._interval = interval
+        self._level = level
+        self._pending: dict[str, int] = {}
+        self._last_line: dict[str, float] = {}
+        self.totals: dict[str, int] = {}
+        self._flush: asyncio.TimerHandle | None = None
+
+    def add(self, kind: str, count: int = 1) -> None:
+        """Counts ``count`` occurrences of ``kind`` (a message like ``"refused %d requests on /x"``)."""
+        self.totals[kind] = self.totals.get(kind, 0) + count
+        now = time.monotonic()
+        if now - self._last_line.get(kind, -self._interval) >= self._interval:
+            self._last_line[kind] = now
+            self._logger.log(self._level, kind, count)
+            return
+        self._pending[kind] = self._pending.get(kind, 0) + count
+        if self._flush is None:
+            with contextlib.suppress(RuntimeError):  # no running loop: the next add() reports
+                loop = asyncio.get_running_loop()
+                self._flush = loop.call_later(self._interval, self.report)
+
+    def report(self) -> None:
+        """Logs one line per kind counted since its last line."""
+        self._flush = None
+        pending, self._pending = self._pending, {}
+        now = time.monotonic()
+        for kind, count in pending.items():
+            self._last_line[kind] = now
+            self._logger.log(self._level, f"{kind} (in the last {self._interval:g} s)", count)
+
+
+class FarmNgDropFilter(logging.Filter):
+    """Turns farm-ng-core's warning per dropped event into a tally per path.
+
+    ``EventServiceGrpc`` logs ``dropped N sequence M path: P`` for every event it drops
+    because a subscriber's queue is full: thousands of lines a second while a peer is
+    slow or gone. Its counts stay in ``/health`` (``P/dropped``).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._tallies: dict[str, Tally] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != FARM_NG_DROPPED or not isinstance(record.args, tuple) or len(record.args) != 3:
+            return True
+        path = str(record.args[2])
+        tally = self._tallies.get(record.name)
+        if tally is None:
+            tally = self._tallies[record.name] = Tally(logging.getLogger(record.name))
+        tally.add(f"dropped %d events of {path} for subscribers that do not keep up")
+        return False

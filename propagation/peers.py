@@ -1,0 +1,301 @@
+"""``PeerClient``: a client of one peer service, with farm-ng-core's ``EventClient`` calls.
+
+``request_reply(path, message, timestamps, decode)`` and ``subscribe(request, decode)``
+take what ``EventClient``'s take; what differs is underneath:
+
+- one long-lived gRPC channel (farm-ng-core 2.3.2's ``EventClient`` builds a new one for
+  every call and every received message: its ready check awaits a coroutine that
+  returns None);
+- every call bounded by ``timeout`` (``EventClient`` waits without bound for a peer
+  that is down); a failed call raises ``PeerUnavailable``;
+- replies and events decoded by their path (``wire``), never by the type the peer
+  names; anything else is refused and counted;
+- liveness: a subscription silent for ``LIVENESS_S``, or a call that missed its
+  deadline, makes the client ask the peer for its URIs; if that goes unanswered too,
+  the connection is dropped and a new one made, so that a peer on a host that
+  vanished (no reset, no FIN) is noticed in seconds, not when TCP gives up;
+- one log line when a peer goes, one when it is back.
+
+It is built from farm-ng-core's public pieces (its stub, ``make_proto_uri``, its stamps)
+and touches nothing private of ``EventClient``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any, AsyncIterator
+
+import grpc
+from farm_ng.core.event_pb2 import Event
+from farm_ng.core.event_service_pb2 import ListUrisRequest, RequestReplyReply, RequestReplyRequest
+from farm_ng.core.event_service_pb2_grpc import EventServiceStub
+from farm_ng.core.stamp import StampSemantics, get_monotonic_now, get_system_clock_now
+from farm_ng.core.uri import make_proto_uri
+
+from propagation.logs import Tally
+from propagation.serving import MAX_MESSAGE_BYTES, grpc_address
+from propagation.wire import PUBLISHED, REPLIES, WrongMessage, decode
+
+if TYPE_CHECKING:
+    from farm_ng.core.event_service_pb2 import EventServiceConfig, SubscribeRequest
+    from farm_ng.core.timestamp_pb2 import Timestamp
+    from google.protobuf.message import Message
+
+__all__ = ["CALL_TIMEOUT_S", "CHANNEL_OPTIONS", "LIVENESS_S", "PeerClient", "PeerUnavailable"]
+
+# Seconds a call may take before it counts as failed.
+CALL_TIMEOUT_S = 1.0
+# A subscription silent this long is checked: does the peer still answer?
+LIVENESS_S = 2.0
+# How long a liveness check waits for the peer's answer.
+PROBE_TIMEOUT_S = 1.0
+# After a stream ends, before the next one: a peer that closes streams at once is not
+# spun on.
+RESUBSCRIBE_PAUSE_S = 0.1
+
+CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+    # gRPC's reconnect backoff grows to 120 s by default: a peer back after a minute
+    # would go unnoticed for tens of seconds. Capped at 1 s, one connection attempt a
+    # second while it is down.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A new channel after a dead connection must make a new connection: by default
+    # channels to one address share them.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+class PeerUnavailable(Exception):
+    """A call to a peer failed: it is down, restarting, or did not answer in time."""
+
+
+class PeerClient:
+    """A client of one peer: one channel, bounded calls, liveness, calls named as farm-ng-core's."""
+
+    def __init__(self, config: EventServiceConfig, owner: str, timeout: float = CALL_TIMEOUT_S) -> None:
+        """Initializes the client; it connects on first use.
+
+        Args:
+            config: The peer's entry in the config.
+            owner: The name of the service that uses this client, for its log lines.
+            timeout: Seconds each call may take.
+
+        """
+        self.config = config
+        self.timeout = timeout
+        self._log = logging.getLogger(owner)
+        self._tally = Tally(self._log)
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: EventServiceStub | None = None
+        self._sequences: dict[str, int] = {}
+        self._reachable: bool | None = None  # None until the first call tells
+        self._ever_reached = False
+        self.refused = 0  # replies and events not of their path's type
+
+    @property
+    def server_address(self) -> str:
+        """The peer's address as gRPC reads it (an IPv6 address in brackets)."""
+        return grpc_address(self.config.host, self.config.port)
+
+    @property
+    def reachable(self) -> bool | None:
+        """Whether the last call reached the peer; None before the first call."""
+        return self._reachable
+
+    def _connect(self) -> EventServiceStub:
+        if self._stub is None:
+            self._channel = grpc.aio.insecure_channel(self.server_address, options=CHANNEL_OPTIONS)
+            self._stub = EventServiceStub(self._channel)
+        return self._stub
+
+    async def _reconnect(self) -> None:
+        """Drops the connection: the next call makes a new one."""
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close(None)
+
+    async def close(self) -> None:
+        """Closes the channel; calls in flight are cancelled."""
+        await self._reconnect()
+
+    # -----------------------------------------------------------------------------
+    # Calls
+
+    async def request_reply(
+        self,
+        path: str,
+        message: Message,
+        timestamps: list[Timestamp] | None = None,
+        decode: bool = False,
+    ) -> RequestReplyReply | Message:
+        """Sends a request and returns the reply, within ``timeout`` seconds.
+
+        Args:
+            path: The request's path, e.g. ``/update_storage``.
+            message: The request's message.
+            timestamps: Extra timestamps to carry in the request's event.
+            decode: Return the reply's message, decoded as its path's reply type,
+                instead of the raw ``RequestReplyReply``.
+
+        Raises:
+            PeerUnavailable: the peer is down, did not answer in time, or replied with
+                a message its path does not carry.
+
+        """
+        stub = self._connect()
+        # As EventClient does: the request's sequence counts the calls on its path.
+        sequence = self._sequences.get(path, 0)
+        self._sequences[path] = sequence + 1
+        stamps = list(timestamps or [])
+        stamps.append(get_monotonic_now(semantics=StampSemantics.CLIENT_SEND))
+        stamps.append(get_system_clock_now(semantics=StampSemantics.CLIENT_SEND))
+        uri = make_proto_uri(path=path, message=message)
+        uri.query += f"&service_name={self.config.name}"
+        payload = message.SerializeToString()
+        request = RequestReplyRequest(
+            event=Event(uri=uri, timestamps=stamps, payload_length=len(payload), sequence=sequence),
+            payload=payload,
+        )
+        try:
+            reply: RequestReplyReply = await stub.requestReply(request, timeout=self.timeout)
+        except grpc.aio.AioRpcError as exc:
+            await self._call_failed(exc)
+            raise PeerUnavailable(self.config.name) from None
+        self.mark_up()
+        reply.event.timestamps.append(get_monotonic_now(semantics=StampSemantics.CLIENT_RECEIVE))
+        if not decode:
+            return reply
+        try:
+            return self.decode_reply(path, reply)
+        except WrongMessage:
+            raise PeerUnavailable(self.config.name) from None
+
+    def decode_reply(self, path: str, reply: RequestReplyReply) -> Message:
+        """The message of a reply to ``path``, decoded as that path's reply type.
+
+        Raises:
+            WrongMessage: the reply is not of a type ``path`` replies with (counted).
+
+        """
+        try:
+            return decode(reply.event, reply.payload, REPLIES.get(path, ()))
+        except WrongMessage as exc:
+            self._refuse(f"replies to {path}", exc)
+            raise
+
+    async def subscribe(
+        self,
+        request: SubscribeRequest,
+        decode: bool = True,
+    ) -> AsyncIterator[tuple[Event, Message | bytes]]:
+        """Yields the events of one path, across the peer's restarts, until cancelled.
+
+        With ``decode``, each message is decoded as its path's type (an event of a path
+        this example does not know comes as bytes); one that is not is counted and
+        skipped. While the peer is down it waits quietly for it to come back.
+        """
+        while True:
+            stub = self._connect()
+            assert self._channel is not None
+            await self._channel.channel_ready()
+            call = stub.subscribe(request)
+            first = True
+            try:
+                while (reply := await self._next_reply(call)) is not None:
+                    if first:  # later messages may be old ones still buffered
+                        self.mark_up()
+                        first = False
+                    reply.event.timestamps.append(get_monotonic_now(StampSemantics.CLIENT_RECEIVE))
+                    message = self._decode_event(reply) if decode else reply.payload
+                    if message is not None:
+                        yield reply.event, message
+            except grpc.aio.AioRpcError as exc:
+                self.mark_down(_rpc_reason(exc))
+            finally:
+                call.cancel()
+            await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
+
+    async def _next_reply(self, call: Any) -> Any:
+        """The stream's next reply; None if it ended or the peer no longer answers.
+
+        A subscription may be silent for good reasons (storage publishes /residual only
+        after a drain): silence makes the client check that the peer answers at all.
+        """
+        reading = asyncio.ensure_future(call.read())
+        try:
+            while True:
+                done, _ = await asyncio.wait([reading], timeout=LIVENESS_S)
+                if done:
+                    reply = reading.result()
+                    return None if reply is grpc.aio.EOF else reply
+                if not await self.probe():
+                    self.mark_down("no answer")
+                    await self._reconnect()
+                    return None
+        finally:
+            reading.cancel()
+
+    async def probe(self) -> bool:
+        """Whether the peer answers a ``listUris`` within ``PROBE_TIMEOUT_S``."""
+        if self._stub is None:
+            return False
+        try:
+            await self._stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    async def _call_failed(self, exc: grpc.aio.AioRpcError) -> None:
+        self.mark_down(_rpc_reason(exc))
+        # A missed deadline on a connection that looks fine: packets may be vanishing.
+        # Unless the peer answers a probe, a new connection replaces it; calls would
+        # otherwise queue behind the dead one.
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not await self.probe():
+            await self._reconnect()
+
+    def _decode_event(self, reply: Any) -> Message | bytes | None:
+        path = reply.event.uri.path
+        kind = PUBLISHED.get(path)
+        if kind is None:
+            return reply.payload  # a path of another program: its bytes
+        try:
+            return decode(reply.event, reply.payload, kind)
+        except WrongMessage as exc:
+            self._refuse(f"events of {path}", exc)
+            return None
+
+    def _refuse(self, what: str, exc: WrongMessage) -> None:
+        self.refused += 1
+        self._tally.add(f"{self.config.name}: refused %d {what} that were not of their path's type")
+        self._log.debug("%s: %s", self.config.name, exc)
+
+    # -----------------------------------------------------------------------------
+    # Up and down
+
+    def mark_up(self) -> None:
+        """Records that the peer answered; says so if it had been down."""
+        if not self._reachable:
+            again = "is back" if self._ever_reached else "is up"
+            self._log.info("%s %s at %s", self.config.name, again, self.server_address)
+        self._reachable = self._ever_reached = True
+
+    def mark_down(self, why: str) -> None:
+        """Records a failed call; says so once per outage."""
+        if self._reachable is False:
+            return
+        self._reachable = False
+        if self._ever_reached:
+            self._log.warning("%s is unreachable at %s (%s); retrying", self.config.name, self.server_address, why)
+        else:  # not started yet: services may start in any order
+            self._log.info("%s is not up yet at %s; retrying", self.config.name, self.server_address)
+
+
+def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:
+    code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return "no answer in time"
+    return code.name.lower() if code is not None else "error"

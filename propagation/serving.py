@@ -1,0 +1,208 @@
+"""Serving one ``EventServiceGrpc``: a server with this example's limits, run until a signal.
+
+    server = create_server(wire.AGENT)
+    service = EventServiceGrpc(server, spec.config)
+    ...
+    return await serve(service, [tasks...], stats=agent.stats)
+
+``serve`` does what farm-ng-core's ``EventServiceGrpc.serve()`` does, differently where
+it matters: it listens on the entry's host (``serve()`` binds ``[::]``, every network),
+refuses a port in use, publishes ``/stats`` beside ``/health``, and stops on Ctrl-C,
+SIGTERM or SIGHUP: the server first (calls in flight finish), then the tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import signal
+import socket
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
+
+import grpc
+from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
+from google.protobuf.struct_pb2 import Struct
+
+from propagation.config import ConfigError
+from propagation.guard import REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS, PathGuard
+
+if TYPE_CHECKING:
+    from farm_ng.core.event_service import EventServiceGrpc
+
+    from propagation.wire import Contract
+
+__all__ = ["MAX_MESSAGE_BYTES", "SERVER_OPTIONS", "STOP_GRACE_S", "create_server", "grpc_address", "serve"]
+
+# How long Ctrl-C lets calls in flight finish before the server closes them.
+STOP_GRACE_S = 0.5
+# Every message of this contract is well under a kilobyte; gRPC's default is 4 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024
+SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
+    # gRPC on Linux sets SO_REUSEPORT: a second server on a used port would start
+    # silently and share the traffic.
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # A client whose host vanished (no FIN, no reset) is noticed within
+    # keepalive_time + keepalive_timeout, and its subscriptions end.
+    ("grpc.keepalive_time_ms", 2_000),
+    ("grpc.keepalive_timeout_ms", 3_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # Our clients ping too (see peers.py): accept a ping a second, without strikes.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+STATS_PERIOD_S = 1.0
+
+
+def create_server(contract: Contract) -> grpc.aio.Server:
+    """A ``grpc.aio`` server with this example's limits, guarding ``contract``.
+
+    Must run inside the event loop: grpc.aio binds the server to the running loop (made
+    before it, it fails on Python 3.12 with "attached to a different loop").
+    """
+    return grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=[PathGuard(contract)])
+
+
+async def serve(
+    service: EventServiceGrpc,
+    tasks: Sequence[Coroutine[Any, Any, Any]] = (),
+    stats: Callable[[], dict[str, Any]] | None = None,
+) -> int:
+    """Serves ``service`` and runs ``tasks`` beside it until Ctrl-C, SIGTERM or SIGHUP.
+
+    Args:
+        service: The service, built on ``create_server()``'s server.
+        tasks: The role's coroutines: they run until the service stops.
+        stats: The role's figures, published on ``/stats`` every second.
+
+    Returns:
+        The exit code: 0 after a signal, 1 if a task failed.
+
+    Raises:
+        ConfigError: the host does not resolve, or the port is in use.
+
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        loop.add_signal_handler(signum, stop.set)
+    # EventServiceGrpc adds a stderr handler of its own; the root logger prints already.
+    for handler in list(service.logger.handlers):
+        service.logger.removeHandler(handler)
+    try:
+        address = bind(service)
+    except ConfigError:
+        for task in tasks:
+            task.close()
+        raise
+    await service.server.start()
+    jobs = [asyncio.ensure_future(task) for task in tasks]
+    jobs.append(asyncio.ensure_future(service.publish_health_metrics()))
+    jobs.append(asyncio.ensure_future(publish_stats(service, stats or dict)))
+    service.logger.info("%s serving on %s", service.config.name, address)
+
+    stopping = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait([stopping, *jobs], return_when=asyncio.FIRST_COMPLETED)
+    exit_code = 0
+    for job in done:
+        if job is not stopping:
+            service.logger.error("%s stopped: a task failed: %r", service.config.name, job.exception())
+            exit_code = 1
+    # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
+    # clean close. Cancelling the tasks first would make stop() raise CancelledError.
+    await service.server.stop(STOP_GRACE_S)
+    for job in [stopping, *jobs]:
+        job.cancel()
+    await asyncio.gather(stopping, *jobs, return_exceptions=True)
+    return exit_code
+
+
+async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[str, Any]]) -> None:
+    """Publishes the role's figures and the guard's counters on ``/stats`` every second, latched.
+
+    Counters only grow, so a reader (the monitor, the benchmark) turns two of them into
+    a rate.
+    """
+    metrics = EventServiceHealthMetrics()
+    while True:
+        message = Struct()
+        message.update(figures())
+        message.update({key: metrics.get(key) for key in (REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS)})
+        await service.publish("/stats", message, latch=True)
+        await asyncio.sleep(STATS_PERIOD_S)
+
+
+def bind(service: EventServiceGrpc) -> str:
+    """Listens on the config's host and port, not on every interface.
+
+    Returns:
+        The address it listens on.
+
+    Raises:
+        ConfigError: the host does not resolve or the port is taken.
+
+    """
+    host, port = service.config.host, service.config.port
+    check_port_free(host, port)
+    address = grpc_address(host, port)
+    try:
+        service.server.add_insecure_port(address)
+    except RuntimeError:
+        msg = f"cannot listen on {address}"
+        raise ConfigError(msg) from None
+    return address
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC reads it: an IPv6 address goes in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Tries the bind that gRPC will do, to name the problem in one line.
+
+    gRPC reports a failed bind as a generic error (and a C-level log line); a plain
+    socket tells why.
+
+    Raises:
+        ConfigError: the host does not resolve, is not an address of this machine, or
+            the port is in use there.
+
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        msg = f"host {host!r} does not resolve: {exc.strerror}"
+        raise ConfigError(msg) from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does: connections of a stopped server in TIME_WAIT must not
+            # block a restart, while a live listener still does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    msg = f"port {port} on {host} ({sockaddr[0]}) is already in use"
+                elif exc.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6 and len(infos) > 1:
+                    continue  # no IPv6 here: gRPC binds the IPv4 address alone
+                else:
+                    msg = f"cannot listen on {host}:{port} ({sockaddr[0]}): {exc.strerror}"
+                raise ConfigError(msg) from None
+
+
+def log_task_errors(logger: logging.Logger) -> Callable[[asyncio.Future[Any]], None]:
+    """A done-callback that logs a background task's failure instead of losing it."""
+
+    def done(task: asyncio.Future[Any]) -> None:
+        with contextlib.suppress(asyncio.CancelledError):
+            if task.exception() is not None:
+                logger.error("a background task failed: %r", task.exception())
+
+    return done

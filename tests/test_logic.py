@@ -1,0 +1,147 @@
+"""The example's logic, in-process: residual order, decoding by path, freshness, arithmetic, pacing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+from farm_ng.core.event_pb2 import Event
+from farm_ng.core.event_service import EventServiceGrpc
+from farm_ng.core.event_service_pb2 import EventServiceConfig
+from farm_ng.core.stamp import StampSemantics
+from farm_ng.core.timestamp_pb2 import Timestamp
+from farm_ng.core.uri import get_host_name, make_proto_uri
+from farm_ng.core.uri_pb2 import Uri
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.wrappers_pb2 import Int32Value
+
+from propagation import wire
+from propagation.pacing import Pacer
+from propagation.relaying import Freshness, batch_residuals
+from storage import Storage, StorageArgs
+
+HERE = f"{get_host_name()}/monotonic"
+
+
+def stamp(value: float, clock: str = "storage-host/monotonic#a") -> Timestamp:
+    return Timestamp(stamp=value, clock_name=clock, semantics=wire.RESIDUAL_TIME)
+
+
+def test_residual_order() -> None:
+    order = wire.ResidualOrder()
+    assert order.check(stamp(2.0)) == "apply"
+    assert order.check(stamp(1.0)) == "stale"  # overtaken on the way
+    assert order.check(stamp(2.0)) == "stale"
+    assert order.check(stamp(3.0)) == "apply"
+    assert order.check(None) == "apply"  # farm-ng's original supervisor sends no stamp
+    assert order.check(stamp(0.5, "storage-host/monotonic#b")) == "apply"  # storage restarted
+    assert order.check(stamp(0.4, "storage-host/monotonic#b")) == "stale"
+    assert order.check(stamp(time.monotonic() + 100, f"{HERE}#c")) == "future"  # on our own clock: refused
+    assert order.check(stamp(time.monotonic() - 1, f"{HERE}#c")) == "apply"
+    order.forget()
+    assert order.check(stamp(0.1, f"{HERE}#c")) == "apply"
+
+
+def event_of(path: str, message: Any, query: str | None = None) -> Event:
+    uri = make_proto_uri(path, message)
+    if query is not None:
+        uri.query = query
+    return Event(uri=uri)
+
+
+def test_decode_by_path() -> None:
+    residual = Int32Value(value=7)
+    assert wire.decode(event_of("/update_residual", residual), residual.SerializeToString(), Int32Value) == residual
+    # An Empty's payload is a valid Int32Value 0: the type the sender named decides.
+    with pytest.raises(wire.WrongMessage, match=r"carries google\.protobuf\.Int32Value, not google\.protobuf\.Empty"):
+        wire.decode(event_of("/update_residual", Empty()), b"", Int32Value)
+    with pytest.raises(wire.WrongMessage, match=r"not x\.abort"):
+        wire.decode(event_of("/update_residual", residual, "type=x.abort&pb=os"), b"", Int32Value)
+    with pytest.raises(wire.WrongMessage, match="payload is not a valid"):
+        wire.decode(event_of("/update_residual", residual), b"\xff\xff\xff", Int32Value)
+    with pytest.raises(wire.WrongMessage, match="not an unnamed type"):
+        wire.decode(Event(uri=Uri(path="/sample", query="broken")), b"", Struct)
+    assert isinstance(wire.decode(event_of("/update_storage_batch", Empty()), b"", (Struct, Empty)), Empty)
+
+
+def sample(sent: float, received: float) -> Event:
+    return Event(
+        timestamps=[
+            Timestamp(stamp=sent, clock_name="agent-host/monotonic", semantics=StampSemantics.SERVICE_SEND),
+            Timestamp(stamp=received, clock_name="supervisor-host/monotonic", semantics=StampSemantics.CLIENT_RECEIVE),
+        ]
+    )
+
+
+def test_freshness_compares_delays_not_clocks() -> None:
+    freshness = Freshness()
+    offset = 12345.0  # the two hosts' clocks differ by this much: it cancels
+    assert not freshness.too_old(sample(1.0, 1.0 + offset + 0.002))
+    assert not freshness.too_old(sample(2.0, 2.0 + offset + 0.3))  # 0.3 s more than the best
+    assert freshness.too_old(sample(3.0, 3.0 + offset + 0.6))  # waited 0.6 s in a buffer
+    # The best delay of the last 10 s is the reference: after 10 s a slower link is the norm.
+    assert not freshness.too_old(sample(14.0, 14.0 + offset + 0.6))
+    assert not freshness.too_old(Event())  # no stamps: nothing to judge
+
+
+def test_batch_residuals() -> None:
+    # Storage had 10 left, stored 3 of 5 (full after 3): the items left 9, 8, 7, then 7, 7.
+    assert batch_residuals(stored=3, residual=7, items=5) == [9, 8, 7, 7, 7]
+    assert batch_residuals(stored=4, residual=0, items=4) == [3, 2, 1, 0]
+    assert batch_residuals(stored=0, residual=0, items=2) == [0, 0]
+
+
+def test_store_arithmetic() -> None:
+    async def scenario() -> tuple[list[int], dict[str, int], int]:
+        config = EventServiceConfig(name="storage", port=1, host="localhost")
+        storage = Storage(EventServiceGrpc(grpc.aio.server(), config), StorageArgs(max_storage=5, batch_size=2))
+        stored = [storage.store(1), storage.store(3), storage.store(4), storage.store(1)]
+        return stored, storage.counts, storage.count
+
+    stored, counts, count = asyncio.run(scenario())
+    assert stored == [1, 3, 1, 0]
+    assert count == 5
+    assert (counts["accepted"], counts["refused"]) == (5, 4)
+
+
+def pace(pacer: Pacer, pauses: list[tuple[float, float]], run_s: float) -> list[float]:
+    """When ``pacer``'s tasks published, with the room closed ``(after, for)`` each pause."""
+
+    async def scenario() -> list[float]:
+        published: list[float] = []
+        loop = asyncio.get_running_loop()
+
+        async def task(task_id: int) -> None:
+            async for _ in pacer.slots(task_id):
+                published.append(loop.time())
+
+        tasks = [asyncio.ensure_future(task(task_id)) for task_id in range(pacer.num_tasks)]
+        started = loop.time()
+        for after, length in pauses:
+            await asyncio.sleep(max(0.0, started + after - loop.time()))
+            pacer.room.clear()
+            await asyncio.sleep(length)
+            pacer.room.set()
+        await asyncio.sleep(max(0.0, started + run_s - loop.time()))
+        for each in tasks:
+            each.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return [moment - started for moment in published]
+
+    return asyncio.run(scenario())
+
+
+def test_tasks_keep_their_turns_after_pauses() -> None:
+    # Pauses shorter than a period, as with a small storage: some tasks wait one out,
+    # others sleep through it. Each must keep its own slot on the shared grid.
+    pacer = Pacer(rate=10, num_tasks=4)  # a slot every 25 ms
+    published = pace(pacer, [(0.31, 0.035), (0.52, 0.04), (0.83, 0.03)], run_s=1.6)
+    later = [moment for moment in published if moment > 1.0]
+    gaps = [after - before for before, after in zip(later, later[1:])]
+    assert len(gaps) >= 18, published
+    in_turn = [gap for gap in gaps if 0.0125 < gap < 0.0375]
+    assert len(in_turn) >= 0.8 * len(gaps), [round(1000 * gap) for gap in gaps]
