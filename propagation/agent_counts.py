@@ -4,7 +4,7 @@ Residuals reach an agent by several routes (a relay per sample, a wake-up after 
 drain) and can overtake each other; storage stamps each with the time it was true, and
 the agent applies only the newest (``wire.ResidualOrder``). A stamp later than now on
 the agent's own clock is refused: no storage wrote it. An agent paused for longer than
-``STUCK_S`` without any residual takes the next wake-up whatever it was told before.
+``STUCK_S`` without applying a residual takes the next wake-up whatever it was told before.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ __all__ = ["AgentCounts"]
 class AgentCounts:
     """What an agent counts for ``/stats``, and which residuals it applies."""
 
-    # Paused this long without a residual, an agent takes the next wake-up whatever
-    # order it was told before: a few of storage's drain periods.
+    # Paused this long without applying a residual, an agent takes the next wake-up
+    # whatever order it was told before: a few of storage's drain periods.
     STUCK_S = 1.0
 
     def __init__(self, rate: float, num_tasks: int) -> None:
@@ -54,10 +54,10 @@ class AgentCounts:
         if verdict == "future":
             self.future_residuals += 1
             return False
-        self.last_residual = time.monotonic()
         if verdict == "stale":
             self.stale_residuals += 1
             return False
+        self.last_residual = time.monotonic()
         self.residuals += 1
         published = wire.find_stamp(event, wire.SAMPLE_PUBLISHED)
         if published is not None and self.order.is_local(published):

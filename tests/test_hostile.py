@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -32,8 +33,9 @@ from farm_ng.core.uri import get_host_name
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import Int32Value
-from helpers import ROOT, Process, Services, port_of, raw_request, request, stats, write_config
+from helpers import ROOT, Process, Services, collect, port_of, raw_request, request, stats, write_config
 
+from propagation import wire
 from propagation.wire import RESIDUAL_TIME
 
 INT32 = "type=google.protobuf.Int32Value&pb=google/protobuf/wrappers.proto"
@@ -341,3 +343,27 @@ def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
                 launcher.wait(5)
     assert launcher.returncode == 0, output[-3000:]
     assert b"[launch] stopped all 6 services" in output
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="a host name of its own needs root and unshare"
+)
+def test_a_paused_agent_stuck_by_a_forged_residual_wakes_up(services: Services, tmp_path: Path) -> None:
+    # Storage on another host: the agent cannot tell a stamp from storage's future. A forged 0
+    # stamped far ahead would make it ignore every later residual; paused for a while, it takes
+    # the next wake-up after a drain whatever it was told before.
+    config = write_config(tmp_path, {"storage": {"args": ["max_storage=200", "batch_size=20"]}})
+    running = services.system(config, ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2"])
+    argv = [sys.executable, str(ROOT / "agent.py"), "--service-config", str(config), "--service-name", "agent-3"]
+    agent = Process("agent-3", ["unshare", "--uts", "sh", "-c", 'hostname agent-host && exec "$@"', "sh", *argv])
+    services.started.append(agent)
+    agent.wait_for(r"^Remainder: \d+$", timeout=15)
+    ((event, _),) = collect(config, "storage", "/residual", 1)
+    storage_clock = wire.find_stamp(event, RESIDUAL_TIME).clock_name  # what anyone can read off /residual
+    forged = Timestamp(stamp=1e12, clock_name=storage_clock, semantics=RESIDUAL_TIME)
+    start = len(agent.lines)
+    request(config, "agent-3", "/update_residual", Int32Value(value=0), timestamps=[forged])
+    agent.wait_for(r"^Remainder: 0$", start=start)
+    agent.wait_for(r"^Remainder: [1-9]\d*$", timeout=15, start=start)
+    agent.wait_for(r"^Published sample", timeout=5, start=len(agent.lines))
+    assert running["supervisor-2"].popen.poll() is None
