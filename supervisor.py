@@ -43,7 +43,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
-from propagation.peers import PeerClient, PeerUnavailable
+from propagation.peers import FRESH_STREAM_OPTIONS, PeerClient, PeerUnavailable
 from propagation.relaying import AgentLink, Freshness, Relays
 from propagation.serving import create_server, serve
 
@@ -58,7 +58,7 @@ class Supervisor:
         # A client for each peer it talks to: storage and the agents it subscribes to.
         self.storage = PeerClient(spec.config_of("storage"), owner)
         self.agents = {
-            name: AgentLink(PeerClient(spec.config_of(name), owner), subscription)
+            name: AgentLink(PeerClient(spec.config_of(name), owner, channel_options=FRESH_STREAM_OPTIONS), subscription)
             for subscription in service.config.subscriptions
             if (name := wire.service_name_of(subscription.uri))
         }

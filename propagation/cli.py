@@ -17,7 +17,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
-from propagation.config import ConfigError, Entry, check_entry, find_entry, parse_args, read_config
+from propagation.config import ConfigError, Entry, check_entry, check_port_free, find_entry, parse_args, read_config
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
@@ -48,8 +48,13 @@ class ServiceSpec(Generic[ArgsT]):
         return find_entry(self.entries, name).service_config()
 
 
-def load(description: str, args_type: type[ArgsT], argv: Sequence[str] | None = None) -> ServiceSpec[ArgsT]:
-    """Parses the command line, reads the config, checks the entry and parses its args.
+def load(
+    description: str, args_type: type[ArgsT], argv: Sequence[str] | None = None, check_port: bool = True
+) -> ServiceSpec[ArgsT]:
+    """Parses the command line, reads the config, checks the entry and its args, and its port.
+
+    With ``check_port`` the entry's host must resolve to an address of this machine where
+    its port is free.
 
     Raises:
         ConfigError: naming the file, service, arg or value at fault.
@@ -63,7 +68,10 @@ def load(description: str, args_type: type[ArgsT], argv: Sequence[str] | None = 
     entries = read_config(cli.service_config)
     entry = find_entry(entries, cli.service_name, cli.service_config)
     check_entry(entry, entries)
-    return ServiceSpec(entry, tuple(entries), parse_args(entry, args_type))
+    args = parse_args(entry, args_type)
+    if check_port:
+        check_port_free(entry.host, entry.port)
+    return ServiceSpec(entry, tuple(entries), args)
 
 
 def exit_on_bad_input(description: str, args_type: type[Any]) -> None:

@@ -9,10 +9,12 @@ entry, the field or the arg at fault, in one line.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
 import re
+import socket
 import stat
 import typing
 from typing import Any, Callable, Mapping, Sequence, TypeVar
@@ -25,6 +27,7 @@ __all__ = [
     "Subscription",
     "arg",
     "check_entry",
+    "check_port_free",
     "find_entry",
     "parse_args",
     "read_config",
@@ -464,3 +467,38 @@ def _parse_value(where: str, text: str, kind: type, bounds: Mapping[str, Any]) -
         msg = f"{where}={text} must be in {_number(low)}..{_number(high)}"
         raise ConfigError(msg)
     return value
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Tries the bind that gRPC will do, to name the problem in one line.
+
+    gRPC reports a failed bind as a generic error (and a C-level log line); a plain
+    socket tells why.
+
+    Raises:
+        ConfigError: the host does not resolve, is not an address of this machine, or
+            the port is in use there.
+
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        msg = f"host {host!r} does not resolve: {exc.strerror}"
+        raise ConfigError(msg) from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does: connections of a stopped server in TIME_WAIT must not
+            # block a restart, while a live listener still does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    msg = f"port {port} on {host} ({sockaddr[0]}) is already in use"
+                elif exc.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6 and len(infos) > 1:
+                    continue  # no IPv6 here: gRPC binds the IPv4 address alone
+                else:
+                    msg = f"cannot listen on {host}:{port} ({sockaddr[0]}): {exc.strerror}"
+                raise ConfigError(msg) from None

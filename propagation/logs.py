@@ -8,7 +8,8 @@
 - ``Tally``: a problem that may repeat thousands of times a second (a refused request,
   an event dropped for a slow subscriber) logs its first occurrence, then one line per
   interval with the count.
-- farm-ng-core's own per-event ``dropped N sequence M path: P`` warnings go to a tally.
+- farm-ng-core's per-event ``dropped N sequence M path: P`` warnings, and grpc's
+  traceback for a subscriber that went away mid-send, go to a tally each.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ TALLY_INTERVAL_S = 10.0
 # farm-ng-core's EventServiceGrpc warns with this for every event a full subscriber
 # queue drops.
 FARM_NG_DROPPED = "dropped %d sequence %d path: %s"
+# grpc.aio logs this, with a traceback, when a stream's receiver is gone mid-send.
+GRPC_SEND_FAILED = "ExecuteBatchError raised in core by servicer method"
 
 
 class LogOutput:
@@ -165,7 +168,7 @@ def configure_logging(level: int) -> LogOutput:
 
     """
     output = LogOutput(sys.stdout)
-    output.handler.addFilter(FarmNgDropFilter())
+    output.handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
@@ -217,12 +220,14 @@ class Tally:
             self._logger.log(self._level, f"{kind} (in the last {self._interval:g} s)", count)
 
 
-class FarmNgDropFilter(logging.Filter):
-    """Turns farm-ng-core's warning per dropped event into a tally per path.
+class RepeatFilter(logging.Filter):
+    """Turns the libraries' line-per-event messages into a tally each.
 
-    ``EventServiceGrpc`` logs ``dropped N sequence M path: P`` for every event it drops
-    because a subscriber's queue is full: thousands of lines a second while a peer is
-    slow or gone. Its counts stay in ``/health`` (``P/dropped``).
+    - farm-ng-core's ``EventServiceGrpc`` logs ``dropped N sequence M path: P`` for every
+      event it drops because a subscriber's queue is full: thousands of lines a second
+      while a peer is slow or gone. Its counts stay in ``/health`` (``P/dropped``).
+    - grpc.aio logs an ``ExecuteBatchError`` with a traceback when a stream's subscriber
+      went away (its host vanished, say) while an event was being sent to it.
     """
 
     def __init__(self) -> None:
@@ -230,11 +235,20 @@ class FarmNgDropFilter(logging.Filter):
         self._tallies: dict[str, Tally] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != FARM_NG_DROPPED or not isinstance(record.args, tuple) or len(record.args) != 3:
-            return True
-        path = str(record.args[2])
-        tally = self._tallies.get(record.name)
-        if tally is None:
-            tally = self._tallies[record.name] = Tally(logging.getLogger(record.name))
-        tally.add(f"dropped %d events of {path} for subscribers that do not keep up")
-        return False
+        if record.msg == FARM_NG_DROPPED and isinstance(record.args, tuple) and len(record.args) == 3:
+            path = str(record.args[2])
+            self._tally(record.name, logging.WARNING).add(
+                f"dropped %d events of {path} for subscribers that do not keep up"
+            )
+            return False
+        if record.name.startswith("grpc") and str(record.msg).startswith(GRPC_SEND_FAILED):
+            self._tally("grpc", logging.INFO).add(
+                "%d subscription(s) ended: the subscriber went away while an event was sent"
+            )
+            return False
+        return True
+
+    def _tally(self, name: str, level: int) -> Tally:
+        if name not in self._tallies:
+            self._tallies[name] = Tally(logging.getLogger(name), level=level)
+        return self._tallies[name]

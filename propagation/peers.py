@@ -23,8 +23,9 @@ and touches nothing private of ``EventClient``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 import grpc
 from farm_ng.core.event_pb2 import Event
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
     from farm_ng.core.timestamp_pb2 import Timestamp
     from google.protobuf.message import Message
 
-__all__ = ["CALL_TIMEOUT_S", "CHANNEL_OPTIONS", "LIVENESS_S", "PeerClient", "PeerUnavailable"]
+__all__ = ["CALL_TIMEOUT_S", "CHANNEL_OPTIONS", "FRESH_STREAM_OPTIONS", "LIVENESS_S", "PeerClient", "PeerUnavailable"]
 
 # Seconds a call may take before it counts as failed.
 CALL_TIMEOUT_S = 1.0
@@ -57,9 +58,11 @@ RESUBSCRIBE_PAUSE_S = 0.1
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # gRPC's reconnect backoff grows to 120 s by default: a peer back after a minute
     # would go unnoticed for tens of seconds. Capped at 1 s, one connection attempt a
-    # second while it is down.
+    # second while it is down. The "min" backoff is in fact the connect timeout (20 s by
+    # default): 1 s gives up on a peer whose host vanished, and leaves a slow link time
+    # for its handshake.
     ("grpc.initial_reconnect_backoff_ms", 250),
-    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 1_000),
     ("grpc.max_reconnect_backoff_ms", 1_000),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -69,28 +72,78 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 ]
 
 
+# For a stream that must stay fresh (a supervisor reading an agent's samples): the
+# receiver lets at most about 1 kB run ahead of what it has read. With gRPC's default
+# (a window that grows to 4 MB) a thin link fills with seconds of samples that are stale
+# by the time they arrive; with this the sender's queue fills instead and drops what does
+# not fit (counted in its /health). Honoured from grpcio 1.74 on.
+FRESH_STREAM_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.http2.bdp_probe", 0),
+    ("grpc.http2.lookahead_bytes", 1024),
+]
+
+
 class PeerUnavailable(Exception):
     """A call to a peer failed: it is down, restarting, or did not answer in time."""
+
+
+class _Connection:
+    """One channel to the peer, and the calls under way on it.
+
+    A connection found dead is retired: new calls get a new one, and the channel closes
+    once its last call has ended (closing it under a call would cancel that call, which
+    its caller could not tell from being cancelled itself).
+    """
+
+    def __init__(self, address: str, options: list[tuple[str, Any]]) -> None:
+        self.channel = grpc.aio.insecure_channel(address, options=options)
+        self.stub = EventServiceStub(self.channel)
+        self._calls = 0
+        self._retired = False
+
+    @contextlib.asynccontextmanager
+    async def call(self) -> AsyncIterator[EventServiceStub]:
+        """The stub, for one call (or one stream, or one wait for readiness)."""
+        self._calls += 1
+        try:
+            yield self.stub
+        finally:
+            self._calls -= 1
+            if self._retired and self._calls == 0:
+                await self.channel.close(None)
+
+    async def retire(self) -> None:
+        """No new calls; the channel closes when the last one ends."""
+        self._retired = True
+        if self._calls == 0:
+            await self.channel.close(None)
 
 
 class PeerClient:
     """A client of one peer: one channel, bounded calls, liveness, calls named as farm-ng-core's."""
 
-    def __init__(self, config: EventServiceConfig, owner: str, timeout: float = CALL_TIMEOUT_S) -> None:
+    def __init__(
+        self,
+        config: EventServiceConfig,
+        owner: str,
+        timeout: float = CALL_TIMEOUT_S,
+        channel_options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
         """Initializes the client; it connects on first use.
 
         Args:
             config: The peer's entry in the config.
             owner: The name of the service that uses this client, for its log lines.
             timeout: Seconds each call may take.
+            channel_options: gRPC channel options besides ``CHANNEL_OPTIONS``.
 
         """
         self.config = config
         self.timeout = timeout
         self._log = logging.getLogger(owner)
         self._tally = Tally(self._log)
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: EventServiceStub | None = None
+        self._options = CHANNEL_OPTIONS + list(channel_options)
+        self._connection: _Connection | None = None
         self._sequences: dict[str, int] = {}
         self._reachable: bool | None = None  # None until the first call tells
         self._ever_reached = False
@@ -106,21 +159,22 @@ class PeerClient:
         """Whether the last call reached the peer; None before the first call."""
         return self._reachable
 
-    def _connect(self) -> EventServiceStub:
-        if self._stub is None:
-            self._channel = grpc.aio.insecure_channel(self.server_address, options=CHANNEL_OPTIONS)
-            self._stub = EventServiceStub(self._channel)
-        return self._stub
+    def _current(self) -> _Connection:
+        if self._connection is None:
+            self._connection = _Connection(self.server_address, self._options)
+        return self._connection
 
-    async def _reconnect(self) -> None:
-        """Drops the connection: the next call makes a new one."""
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            await channel.close(None)
+    async def _replace(self, connection: _Connection) -> None:
+        """Retires a connection found dead: the next call makes a new one."""
+        if self._connection is connection:
+            self._connection = None
+            await connection.retire()
 
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
-        await self._reconnect()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            await connection.channel.close(None)
 
     # -----------------------------------------------------------------------------
     # Calls
@@ -146,7 +200,6 @@ class PeerClient:
                 a message its path does not carry.
 
         """
-        stub = self._connect()
         # As EventClient does: the request's sequence counts the calls on its path.
         sequence = self._sequences.get(path, 0)
         self._sequences[path] = sequence + 1
@@ -160,10 +213,12 @@ class PeerClient:
             event=Event(uri=uri, timestamps=stamps, payload_length=len(payload), sequence=sequence),
             payload=payload,
         )
+        connection = self._current()
         try:
-            reply: RequestReplyReply = await stub.requestReply(request, timeout=self.timeout)
+            async with connection.call() as stub:
+                reply: RequestReplyReply = await stub.requestReply(request, timeout=self.timeout)
         except grpc.aio.AioRpcError as exc:
-            await self._call_failed(exc)
+            await self._call_failed(exc, connection)
             raise PeerUnavailable(self.config.name) from None
         self.mark_up()
         reply.event.timestamps.append(get_monotonic_now(semantics=StampSemantics.CLIENT_RECEIVE))
@@ -199,31 +254,32 @@ class PeerClient:
         skipped. While the peer is down it waits quietly for it to come back.
         """
         while True:
-            stub = self._connect()
-            assert self._channel is not None
-            await self._channel.channel_ready()
-            call = stub.subscribe(request)
-            first = True
-            try:
-                while (reply := await self._next_reply(call)) is not None:
-                    if first:  # later messages may be old ones still buffered
-                        self.mark_up()
-                        first = False
-                    reply.event.timestamps.append(get_monotonic_now(StampSemantics.CLIENT_RECEIVE))
-                    message = self._decode_event(reply) if decode else reply.payload
-                    if message is not None:
-                        yield reply.event, message
-            except grpc.aio.AioRpcError as exc:
-                self.mark_down(_rpc_reason(exc))
-            finally:
-                call.cancel()
+            connection = self._current()
+            async with connection.call() as stub:
+                await connection.channel.channel_ready()
+                call = stub.subscribe(request)
+                first = True
+                try:
+                    while (reply := await self._next_reply(call, connection)) is not None:
+                        if first:  # later messages may be old ones still buffered
+                            self.mark_up()
+                            first = False
+                        reply.event.timestamps.append(get_monotonic_now(StampSemantics.CLIENT_RECEIVE))
+                        message = self._decode_event(reply) if decode else reply.payload
+                        if message is not None:
+                            yield reply.event, message
+                except grpc.aio.AioRpcError as exc:
+                    self.mark_down(_rpc_reason(exc))
+                finally:
+                    call.cancel()
             await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
 
-    async def _next_reply(self, call: Any) -> Any:
+    async def _next_reply(self, call: Any, connection: _Connection) -> Any:
         """The stream's next reply; None if it ended or the peer no longer answers.
 
         A subscription may be silent for good reasons (storage publishes /residual only
-        after a drain): silence makes the client check that the peer answers at all.
+        after a drain): silence makes the client check that the peer answers at all, on
+        the same connection.
         """
         reading = asyncio.ensure_future(call.read())
         try:
@@ -232,30 +288,30 @@ class PeerClient:
                 if done:
                     reply = reading.result()
                     return None if reply is grpc.aio.EOF else reply
-                if not await self.probe():
+                if not await self.probe(connection):
                     self.mark_down("no answer")
-                    await self._reconnect()
+                    await self._replace(connection)
                     return None
         finally:
             reading.cancel()
 
-    async def probe(self) -> bool:
-        """Whether the peer answers a ``listUris`` within ``PROBE_TIMEOUT_S``."""
-        if self._stub is None:
-            return False
+    async def probe(self, connection: _Connection | None = None) -> bool:
+        """Whether the peer answers a ``listUris`` within ``PROBE_TIMEOUT_S``, on ``connection``."""
+        connection = connection or self._current()
         try:
-            await self._stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
+            async with connection.call() as stub:
+                await stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
         except grpc.aio.AioRpcError:
             return False
         return True
 
-    async def _call_failed(self, exc: grpc.aio.AioRpcError) -> None:
+    async def _call_failed(self, exc: grpc.aio.AioRpcError, connection: _Connection) -> None:
         self.mark_down(_rpc_reason(exc))
         # A missed deadline on a connection that looks fine: packets may be vanishing.
         # Unless the peer answers a probe, a new connection replaces it; calls would
         # otherwise queue behind the dead one.
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not await self.probe():
-            await self._reconnect()
+        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not await self.probe(connection):
+            await self._replace(connection)
 
     def _decode_event(self, reply: Any) -> Message | bytes | None:
         path = reply.event.uri.path

@@ -83,15 +83,19 @@ class Freshness:
     stamps it when it arrives (this host's). Across hosts the two clocks differ by an
     unknown offset, so the delay itself means nothing; the smallest delay of the last
     ``WINDOW_S`` is the offset plus the link's best transit time. A sample whose delay
-    exceeds that by ``MAX_AGE_S`` waited that long in some buffer on the way.
+    exceeds that by ``MAX_AGE_S`` waited that long in some buffer on the way (a thin link):
+    the residual it would bring back would be stale. The window is long, so that a link
+    that stays slow does not become the reference; it starts again when the agent does
+    (its sequence numbers start again, and its clock may have).
     """
 
     MAX_AGE_S = 0.5
-    WINDOW_S = 10.0
+    WINDOW_S = 60.0
 
     def __init__(self) -> None:
         # (arrival, delay) pairs whose delays increase: a sliding-window minimum.
         self._minima: deque[tuple[float, float]] = deque()
+        self._sequence = -1
 
     def too_old(self, event: Event) -> bool:
         """Whether ``event`` waited more than ``MAX_AGE_S`` longer than the best recent sample."""
@@ -99,6 +103,9 @@ class Freshness:
         received = _monotonic_stamp(event, StampSemantics.CLIENT_RECEIVE)
         if sent is None or received is None:
             return False
+        if event.sequence < self._sequence:  # a new agent process: a new reference
+            self._minima.clear()
+        self._sequence = event.sequence
         delay = received - sent
         while self._minima and self._minima[-1][1] >= delay:
             self._minima.pop()

@@ -14,18 +14,14 @@ SIGTERM or SIGHUP: the server first (calls in flight finish), then the tasks.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import errno
-import logging
 import signal
-import socket
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
 
 import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 from google.protobuf.struct_pb2 import Struct
 
-from propagation.config import ConfigError
+from propagation.config import ConfigError, check_port_free
 from propagation.guard import REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS, PathGuard
 
 if TYPE_CHECKING:
@@ -56,6 +52,10 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.http2.max_ping_strikes", 0),
 )
 STATS_PERIOD_S = 1.0
+# Events a subscriber may have waiting (farm-ng-core's default is 10). Beyond that new
+# ones are dropped and counted (/health: <path>/dropped): on a thin link ten samples
+# are seconds of delay, and a residual for a stale sample is stale too.
+SUBSCRIBER_QUEUE = 3
 
 
 def create_server(contract: Contract) -> grpc.aio.Server:
@@ -93,6 +93,7 @@ async def serve(
     # EventServiceGrpc adds a stderr handler of its own; the root logger prints already.
     for handler in list(service.logger.handlers):
         service.logger.removeHandler(handler)
+    service.QUEUE_MAX_SIZE = SUBSCRIBER_QUEUE
     try:
         address = bind(service)
     except ConfigError:
@@ -110,7 +111,8 @@ async def serve(
     exit_code = 0
     for job in done:
         if job is not stopping:
-            service.logger.error("%s stopped: a task failed: %r", service.config.name, job.exception())
+            why = "it was cancelled" if job.cancelled() else repr(job.exception())
+            service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
             exit_code = 1
     # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
     # clean close. Cancelling the tasks first would make stop() raise CancelledError.
@@ -147,7 +149,7 @@ def bind(service: EventServiceGrpc) -> str:
 
     """
     host, port = service.config.host, service.config.port
-    check_port_free(host, port)
+    check_port_free(host, port)  # checked before the imports too: the port may have gone since
     address = grpc_address(host, port)
     try:
         service.server.add_insecure_port(address)
@@ -160,49 +162,3 @@ def bind(service: EventServiceGrpc) -> str:
 def grpc_address(host: str, port: int) -> str:
     """``host:port`` as gRPC reads it: an IPv6 address goes in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Tries the bind that gRPC will do, to name the problem in one line.
-
-    gRPC reports a failed bind as a generic error (and a C-level log line); a plain
-    socket tells why.
-
-    Raises:
-        ConfigError: the host does not resolve, is not an address of this machine, or
-            the port is in use there.
-
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        msg = f"host {host!r} does not resolve: {exc.strerror}"
-        raise ConfigError(msg) from None
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            # As gRPC does: connections of a stopped server in TIME_WAIT must not
-            # block a restart, while a live listener still does.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    msg = f"port {port} on {host} ({sockaddr[0]}) is already in use"
-                elif exc.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6 and len(infos) > 1:
-                    continue  # no IPv6 here: gRPC binds the IPv4 address alone
-                else:
-                    msg = f"cannot listen on {host}:{port} ({sockaddr[0]}): {exc.strerror}"
-                raise ConfigError(msg) from None
-
-
-def log_task_errors(logger: logging.Logger) -> Callable[[asyncio.Future[Any]], None]:
-    """A done-callback that logs a background task's failure instead of losing it."""
-
-    def done(task: asyncio.Future[Any]) -> None:
-        with contextlib.suppress(asyncio.CancelledError):
-            if task.exception() is not None:
-                logger.error("a background task failed: %r", task.exception())
-
-    return done

@@ -90,6 +90,7 @@ class Process:
     def __init__(self, label: str, argv: list[str], cwd: Path = ROOT) -> None:
         self.label = label
         self.lines: list[str] = []
+        self.times: list[float] = []  # when each line arrived (time.monotonic())
         self._changed = threading.Condition()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
@@ -103,6 +104,7 @@ class Process:
         for line in self.popen.stdout:
             with self._changed:
                 self.lines.append(line.rstrip("\n"))
+                self.times.append(time.monotonic())
                 self._changed.notify_all()
         with self._changed:
             self._changed.notify_all()
@@ -118,6 +120,12 @@ class Process:
         regex = re.compile(pattern)
         with self._changed:
             return sum(1 for line in self.lines if regex.search(line))
+
+    def moments(self, pattern: str, since: float = 0.0) -> list[float]:
+        """When the lines matching ``pattern`` arrived (``time.monotonic()``), from ``since`` on."""
+        regex = re.compile(pattern)
+        with self._changed:
+            return [when for line, when in zip(self.lines, self.times) if when >= since and regex.search(line)]
 
     def matches(self, pattern: str, start: int = 0) -> list[re.Match[str]]:
         """The matches of ``pattern`` in lines from index ``start`` on."""
