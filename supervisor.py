@@ -35,7 +35,9 @@ if __name__ == "__main__":
     # Bad input gets its one line before gRPC and farm-ng-core load (seconds on a busy machine).
     exit_on_bad_input(DESCRIPTION, SupervisorArgs)
 
-from farm_ng.core.event_pb2 import Event  # (every import from here on waits for the check above)
+from typing import TYPE_CHECKING  # (every import from here on waits for the check above)
+
+from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
 from farm_ng.core.event_service_pb2 import SubscribeRequest
 from farm_ng.core.uri_pb2 import Uri
@@ -46,6 +48,9 @@ from propagation import wire
 from propagation.peers import FRESH_STREAM_OPTIONS, PeerClient, PeerUnavailable
 from propagation.relaying import AgentLink, Freshness, Relays
 from propagation.serving import create_server, serve
+
+if TYPE_CHECKING:
+    from farm_ng.core.timestamp_pb2 import Timestamp
 
 
 class Supervisor:
@@ -63,7 +68,7 @@ class Supervisor:
             if (name := wire.service_name_of(subscription.uri))
         }
         self.counts = dict.fromkeys(("received", "below_confidence", "too_old", "stored", "refused"), 0)
-        self.counts.update(dict.fromkeys(("not_stored", "dropped", "unsent", "wakeups"), 0))
+        self.counts.update(dict.fromkeys(("malformed", "not_stored", "dropped", "unsent", "wakeups"), 0))
         self.relays = Relays(self, spec.args.max_in_flight, spec.args.max_batch)
 
     async def watch_agent(self, link: AgentLink) -> None:
@@ -72,7 +77,10 @@ class Supervisor:
         async for event, sample in link.agent.subscribe(link.subscription, decode=True):
             self.counts["received"] += 1
             link.heard_from()
-            if sample["sample"] <= self.confidence:  # type: ignore[index]
+            value = wire.sample_value(sample)
+            if value is None:  # a Struct without a number "sample": not a sample of this contract
+                self.counts["malformed"] += 1
+            elif value <= self.confidence:
                 self.counts["below_confidence"] += 1
             elif freshness.too_old(event):  # stuck in a slow link: its residual would be stale
                 self.counts["too_old"] += 1
@@ -92,7 +100,7 @@ class Supervisor:
         self.service.logger.info("Residual: value: %d", residual.value)
         await self.send_residual(link, residual, wire.residual_stamps(reply.event, sample_event))
 
-    async def send_residual(self, link: AgentLink, residual: Int32Value, stamps: list) -> bool:
+    async def send_residual(self, link: AgentLink, residual: Int32Value, stamps: list[Timestamp]) -> bool:
         """Tells an agent the residual (``/update_residual``); returns whether it got there."""
         link.told(residual.value, stamps)
         try:
@@ -118,7 +126,7 @@ class Supervisor:
                     if link.may_be_paused():
                         self.relays.in_background(self.wake(link, residual, stamps))
 
-    async def wake(self, link: AgentLink, residual: Int32Value, stamps: list) -> None:
+    async def wake(self, link: AgentLink, residual: Int32Value, stamps: list[Timestamp]) -> None:
         """Sends a paused (or unknown) agent the residual that lets it resume."""
         if await self.send_residual(link, residual, stamps):
             self.counts["wakeups"] += 1

@@ -26,6 +26,7 @@ __all__ = [
     "Entry",
     "Subscription",
     "arg",
+    "check_endpoint",
     "check_entry",
     "check_port_free",
     "find_entry",

@@ -47,8 +47,15 @@ __all__ = [
     "WrongMessage",
     "decode",
     "find_stamp",
+    "host_monotonic_clock",
+    "is_newer",
+    "new_incarnation",
     "published_stamp",
     "residual_stamp",
+    "residual_stamps",
+    "sample_value",
+    "service_name_of",
+    "stamp_now",
 ]
 
 # What each request/reply path carries in, and what its reply may be. A storage that
@@ -123,6 +130,14 @@ def decode(event: Event, payload: bytes, expected: tuple[type[Message], ...] | t
     wanted = " or ".join(kind.DESCRIPTOR.full_name for kind in kinds)
     msg = f"{event.uri.path or '(no path)'} carries {wanted}, not {named or 'an unnamed type'}"
     raise WrongMessage(msg)
+
+
+def sample_value(sample: Message | bytes) -> float | None:
+    """The number a ``/sample`` ``Struct`` carries as ``"sample"``; None if it has none."""
+    if not isinstance(sample, Struct) or "sample" not in sample:
+        return None
+    value = sample["sample"]
+    return value if isinstance(value, float) else None
 
 
 def _named_type(event: Event) -> str:

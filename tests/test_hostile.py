@@ -29,9 +29,10 @@ from farm_ng.core.event_service_pb2_grpc import (
     add_EventServiceServicer_to_server,
 )
 from farm_ng.core.timestamp_pb2 import Timestamp
-from farm_ng.core.uri import get_host_name
+from farm_ng.core.uri import get_host_name, make_proto_uri
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 from helpers import ROOT, Process, Services, collect, port_of, raw_request, request, stats, write_config
 
@@ -194,12 +195,19 @@ def test_many_subscribers_are_bounded_and_the_agent_keeps_its_rate(services: Ser
 
 
 class HostileAgent(EventServiceServicer):
-    """An 'agent' whose samples name a type farm-ng-core would import and call."""
+    """An 'agent' whose samples alternate: a type farm-ng-core would import and call, and a
+    ``Struct`` whose "sample" is text."""
 
     async def subscribe(self, request: SubscribeRequest, context: Any) -> AsyncIterator[SubscribeReply]:
+        malformed = Struct()
+        malformed.update({"sample": "high", "task_id": 0})
         for sequence in itertools.count():
-            uri = Uri(scheme="protobuf", path="/sample", query=f"{ABORT}&service_name=agent-3")
-            yield SubscribeReply(event=Event(uri=uri, sequence=sequence), payload=b"")
+            if sequence % 2:
+                uri = Uri(scheme="protobuf", path="/sample", query=f"{ABORT}&service_name=agent-3")
+                yield SubscribeReply(event=Event(uri=uri, sequence=sequence), payload=b"")
+            else:
+                uri = make_proto_uri("/sample", malformed, service_name="agent-3")
+                yield SubscribeReply(event=Event(uri=uri, sequence=sequence), payload=malformed.SerializeToString())
             await asyncio.sleep(0.01)
 
     async def requestReply(self, request: Any, context: Any) -> RequestReplyReply:
@@ -229,7 +237,8 @@ def test_the_supervisor_refuses_what_a_hostile_agent_publishes(services: Service
 
     figures = asyncio.run(scenario())
     assert figures["refused_from_peers"] > 10
-    assert figures["received"] == 0
+    assert figures["malformed"] > 10
+    assert figures["received"] == figures["malformed"]
 
 
 def test_a_residual_from_the_future_is_refused(services: Services, tmp_path: Path) -> None:
