@@ -3,11 +3,13 @@
     python -m tools.read_recording recordings                 # the newest recording there
     python -m tools.read_recording recordings/2025_01_31_12_00_00_000000_host.0000.bin
 
-prints one line per path, then a total:
+prints one line per path, then a total, and how many events were latched ones, sent
+before the recording started:
 
     agent-1/sample 480
     storage/stats 10
     1234 events, 9.8 s
+    9 of them sent before the recording started (latched)
 
 The recording is a file that farm-ng-core's ``event_service_recorder`` wrote: each event
 is a 4-byte length, the ``Event``, then its payload. farm-ng-core's ``EventsFileReader``
@@ -107,18 +109,34 @@ def sent_at(event: Event) -> float | None:
     return get_stamp_by_semantics_and_clock_type(event, StampSemantics.SERVICE_SEND, "monotonic")
 
 
+def received_at(event: Event) -> float | None:
+    """When the recorder received an event, by its host's monotonic clock."""
+    return get_stamp_by_semantics_and_clock_type(event, StampSemantics.CLIENT_RECEIVE, "monotonic")
+
+
 def summary(file: Path) -> list[str]:
-    """``<path> <count>`` per path, then the number of events and the time they span."""
+    """``<path> <count>`` per path, the number of events and how long the recording ran.
+
+    The length runs from the first event the recorder received to the last. A latched
+    event (the last one a service published before the recorder subscribed) comes in
+    first with its old send stamp: those are counted on a line of their own.
+    """
     counts: Counter[str] = Counter()
-    stamps = []
+    sent, received = [], []
     for name, event, _ in read_events(file):
         counts[name] += 1
-        stamp = sent_at(event)
-        if stamp is not None:
-            stamps.append(stamp)
+        sent.append(sent_at(event))
+        received.append(received_at(event))
     lines = [f"{path} {count}" for path, count in sorted(counts.items())]
+    arrivals = [stamp for stamp in received if stamp is not None]
+    # A file written without receive stamps: the send stamps are the next best.
+    stamps = arrivals or [stamp for stamp in sent if stamp is not None]
     span = max(stamps) - min(stamps) if stamps else 0.0
     lines.append(f"{sum(counts.values())} events, {span:.1f} s")
+    started = min(arrivals) if arrivals else None
+    latched = sum(1 for stamp in sent if started is not None and stamp is not None and stamp < started)
+    if latched:
+        lines.append(f"{latched} of them sent before the recording started (latched)")
     return lines
 
 
