@@ -4,7 +4,8 @@
 - ``watch.py``: a stream, decoded, one event a line;
 - ``recorder.py`` (farm-ng-core's ``RecorderService``) driven by
   ``python -m farm_ng.core.event_service_recorder start`` / ``stop`` with
-  ``record_config.json``, then ``read_recording.py`` and ``plot.py`` on the recording.
+  ``record_config.json``, then ``read_recording.py`` and ``plot.py`` on the recording:
+  its pause and resume marks are the agents' own counters.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Callable
 
 import pytest
 from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, free_ports, write_config
+
+from tools import plot
 
 RECORD_CONFIG = ROOT / "tools" / "record_config.json"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -76,7 +79,7 @@ def test_record_config_names_the_services_of_service_config() -> None:
         for subscription in entries["record_default"]["subscriptions"]
     }
     for agent in ("agent-1", "agent-2", "agent-3"):
-        assert {(agent, "/sample"), (agent, "/stats")} <= recorded
+        assert {(agent, "/sample"), (agent, "/pauses"), (agent, "/stats")} <= recorded
     assert ("storage", "*") in recorded
     # The recorder reaches each recorded service where service_config.json puts it.
     for name, _ in recorded:
@@ -113,37 +116,83 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
     assert sequences == sorted(set(sequences)), sequences
 
 
+# A storage that fills in a fraction of a second and drains every half second: every
+# agent pauses and resumes about twice a second.
+SMALL_STORAGE = {"storage": {"args": ["max_storage=10", "batch_size=5", "drain_period=0.5"]}}
+AGENTS = ("agent-1", "agent-2", "agent-3")
+
+
+def wait_line(process: Process, pattern: str, start: int) -> int:
+    """Waits for a line matching ``pattern`` from index ``start`` on; returns the index after it."""
+    process.wait_for(pattern, timeout=15, start=start)
+    regex = re.compile(pattern)
+    return next(index for index in range(start, len(process.lines)) if regex.search(process.lines[index])) + 1
+
+
+def wait_pause_and_resume(agent: Process) -> None:
+    """Waits until an agent, from now on, paused, resumed and paused again.
+
+    It prints ``Remainder: 0`` when it hears storage is full and pauses, a remainder
+    above 0 when it resumes: a whole cycle from now lies inside the recording.
+    """
+    after = wait_line(agent, r"^Remainder: 0$", len(agent.lines))
+    after = wait_line(agent, r"^Remainder: [1-9]\d*$", after)
+    wait_line(agent, r"^Remainder: 0$", after)
+
+
 # matplotlib's first import builds a font cache: busy, like the other tests of the group.
 @pytest.mark.xdist_group("cpu")
-def test_a_recording_reads_back_and_plots(services: Services, tmp_path: Path) -> None:
-    config = write_config(tmp_path)
-    for name in ("storage", "agent-3", "supervisor-2"):
-        services.service(config, name, wait=False)
+def test_a_recording_reads_back_and_plots_the_agents_own_pauses(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path, SMALL_STORAGE)
+    running = {name: services.service(config, name, wait=False) for name in ("storage", *AGENTS)}
+    running.update({name: services.service(config, name, wait=False) for name in ("supervisor-1", "supervisor-2")})
     record_config = record_config_for(config, tmp_path)
     command = ("--service-config", str(record_config), "--service-name", "recorder")
     recorder = services.tool("recorder", *command, label="recorder")
     recorder.wait_for(r"^recorder serving on ", STARTUP_TIMEOUT_S)
+    for name, process in running.items():
+        process.wait_for(rf"^{re.escape(name)} serving on ", STARTUP_TIMEOUT_S)
 
     start = finish(run_module(services, "farm_ng.core.event_service_recorder", "start", *command))
     # It prints the recording's name (and, on Python 3.12, a DeprecationWarning).
     base = start.matches(r'^value: "(.+)"$')
     assert base, start.output
     recording = Path(base[0].group(1) + ".0000.bin")
-    # The recorder writes through a buffer: a size above 0 means events are in.
-    wait_until(lambda: recording.exists() and recording.stat().st_size > 0, 10, f"nothing recorded in {recording}")
+    for agent in AGENTS:
+        wait_pause_and_resume(running[agent])
     finish(run_module(services, "farm_ng.core.event_service_recorder", "stop", *command))
     recorder.wait_for("^done recording$")  # the file is closed
 
     read = finish(services.tool("read_recording", str(recording)))
     counts = {match.group(1): int(match.group(2)) for match in read.matches(r"^(\S+/\S+) (\d+)$")}
-    assert counts.get("agent-3/sample", 0) > 0, read.output
-    assert counts.get("storage/stats", 0) > 0, read.output
+    for agent in AGENTS:
+        assert counts.get(f"{agent}/sample", 0) > 0, read.output
+        assert counts.get(f"{agent}/pauses", 0) > 0, read.output
+    assert counts.get("storage/level", 0) > 0, read.output
     read.wait_for(r"^\d+ events, \d+\.\d s$")
+    # Latched: at least storage's /level, /residual and /stats and each agent's /stats.
+    latched = read.wait_for(r"^(\d+) of them sent before the recording started \(latched\)$")
+    assert int(latched.group(1)) >= 6, read.output
 
     if importlib.util.find_spec("matplotlib") is None:
         pytest.skip("matplotlib is not installed (pip install -r requirements-dev.txt): plot.py not tested")
     picture = tmp_path / "plot.png"
-    finish(services.tool("plot", str(recording), "-o", str(picture)), timeout=60)
+    plotted = finish(services.tool("plot", str(recording), "-o", str(picture)), timeout=60)
+    for agent in AGENTS:
+        match = plotted.wait_for(rf"^{agent}: (\d+) pauses, (\d+) resumes \(its counters: \+(\d+), \+(\d+)\)$")
+        marks, counted = match.group(1, 2), match.group(3, 4)
+        assert marks == counted, plotted.output
+        assert int(marks[0]) >= 1 and int(marks[1]) >= 1, plotted.output
+    storage = plotted.wait_for(
+        r"^storage: refused \+(\d+) stores .* in (\d+) of its /stats intervals; .* (\d+) of them$"
+    )
+    assert int(storage.group(1)) > 0, plotted.output
+    assert storage.group(2) == storage.group(3), plotted.output  # the line is at max_storage at each refusal
+    # Nothing sent before the recording started is drawn after it: the latched /level is the fill at 0.
+    loaded = plot.load(recording)
+    at_start, drawn = plot.clipped(loaded.fill_levels(), loaded.start())
+    assert at_start is not None
+    assert drawn and all(stamp >= loaded.start() for stamp, _ in drawn)
     data = picture.read_bytes()
     assert data[:8] == PNG_SIGNATURE
     width, height = struct.unpack(">II", data[16:24])  # the IHDR chunk comes first
@@ -155,3 +204,25 @@ def test_a_recording_reads_back_and_plots(services: Services, tmp_path: Path) ->
     assert refused.lines == [
         f"error: cannot write {tmp_path}/no-such-folder/plot.png: folder {tmp_path}/no-such-folder does not exist"
     ]
+
+
+def test_marks_count_what_the_counters_count() -> None:
+    # A latched /pauses (sent before the start) is the agents' state then, not a mark.
+    latched = plot.Counters(sent=9.0, pauses=2, resumes=1, paused=True)
+    stats = plot.Counters(sent=9.5, pauses=2, resumes=1)
+    resumed = plot.Counters(sent=10.5, pauses=2, resumes=2, paused=False)
+    paused = plot.Counters(sent=11.0, pauses=3, resumes=2, paused=True)
+    figures = plot.pause_figures([stats, paused, latched, resumed, resumed], started=10.0)
+    assert (figures.pauses, figures.resumes) == ([11.0], [10.5])  # the duplicate once
+    assert (figures.counted_pauses, figures.counted_resumes) == (1, 1)
+    assert figures.line("agent-1") == "agent-1: 1 pauses, 1 resumes (its counters: +1, +1)"
+    # A transition whose /pauses the recording lacks shows as a difference.
+    later = plot.Counters(sent=12.0, pauses=3, resumes=3)
+    assert not plot.pause_figures([latched, paused, later], started=10.0).agree()
+    # An agent that restarted counts from 0 again.
+    again = plot.Counters(sent=13.0, pauses=1, resumes=0, paused=True)
+    figures = plot.pause_figures([latched, paused, again], started=10.0)
+    assert (len(figures.pauses), figures.counted_pauses) == (2, 2)
+    # Without a message before the start, a first transition is a mark.
+    figures = plot.pause_figures([plot.Counters(sent=10.2, pauses=1, resumes=0, paused=True)], started=10.0)
+    assert (len(figures.pauses), figures.counted_pauses) == (1, 1)

@@ -3,19 +3,32 @@
     python -m tools.plot recordings -o fill.png     # the newest recording there
     python -m tools.plot RECORDING.0000.bin         # writes RECORDING.0000.png
 
-The recording must hold storage's ``/stats`` and ``/residual``, and each agent's
-``/sample`` and ``/stats`` (``record_config.json`` records them). The upper panel is the
-fill: storage's ``count`` from ``/stats`` (every second) and ``max_storage - residual``
-from ``/residual`` (after every drain). The lower panel is each agent's samples/s, from
-the send stamps of its ``/sample`` events. In the upper panel, a triangle down marks
-where an agent paused (storage was full), a triangle up where it resumed (after the
-drain). Times are seconds since the first event.
+The plot draws what the services published as it happened (``record_config.json``
+records it): storage's ``/level`` and ``/stats``, and each agent's ``/sample``,
+``/pauses`` and ``/stats``.
 
-A pause lasts at most until storage's next drain, 0.1 s later, so the ``paused`` flag
-of the agents' ``/stats`` (once a second) rarely catches one. The pauses are found in the
-samples instead: an agent paused where its samples stop for ``PAUSE_GAP_S`` longer than
-its period (``1/rate``, from its ``/stats``) while storage drained (an agent resumes when
-it hears of a drain; a gap without one is the machine being busy).
+- The upper panel is storage's fill, from ``/level``: storage publishes it before and
+  after each drain and when the count reaches ``max_storage``, so the line reaches
+  ``max_storage`` whenever storage refused a store. A recording without ``/level`` (a
+  storage that does not publish it) falls back to the ``count`` of ``/stats``, once a
+  second, and ``max_storage - residual`` after each drain: that line misses most peaks.
+- A triangle down marks where an agent paused, a triangle up where it resumed: each is
+  one transition the agent published on ``/pauses``, at the time it sent it.
+- The lower panel is each agent's samples/s, from the send stamps of its ``/sample``.
+
+Times are seconds since the recording started: the first event the recorder received.
+A latched message (the last one a service published before the recorder subscribed)
+arrives first, with its old send stamp: it is not drawn where it was sent. The last
+``/level`` before the start is the fill at the start (a hollow circle at 0); the agents'
+latched ``/pauses`` and ``/stats`` give their counters at the start.
+
+Plotting prints, for each agent, its marks beside its own counters over the recording
+(``agent-1: 7 pauses, 7 resumes (its counters: +7, +7)``), and for storage whether the
+line was at ``max_storage`` in each second in which its ``refused`` counter grew. Marks
+fewer than the counters mean ``/pauses`` events are missing from the recording.
+
+All stamps are read on one monotonic clock: the services and the recorder must run on
+one host.
 
 Needs matplotlib (``pip install matplotlib``; requirements-dev.txt pins it); the
 services do not.
@@ -35,7 +48,7 @@ from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation.cli import run_cli
 from propagation.config import ConfigError
-from tools.read_recording import read_messages, recording_file, sent_at
+from tools.read_recording import read_messages, received_at, recording_file, sent_at
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -45,55 +58,168 @@ if TYPE_CHECKING:
 # 10 times a second), so that a steady agent gives a flat line; and short, so that a
 # pause shows as a dip.
 RATE_BIN_S = 0.4
-# An agent that publishes nothing for this much longer than its period has paused, if
-# storage drained meanwhile: a gap without a drain is the machine being busy.
-PAUSE_GAP_S = 0.015
+
+
+@dataclasses.dataclass(frozen=True)
+class Counters:
+    """An agent's ``pauses`` and ``resumes`` counters as one message carried them.
+
+    ``paused`` is set on a ``/pauses`` message (one transition: a pause if True, a
+    resume if False) and None on a ``/stats``.
+    """
+
+    sent: float
+    pauses: int
+    resumes: int
+    paused: bool | None = None
+
+    def before(self) -> tuple[int, int]:
+        """The counters just before this message's own transition (if it is one)."""
+        if self.paused is None:
+            return self.pauses, self.resumes
+        return (self.pauses - 1, self.resumes) if self.paused else (self.pauses, self.resumes - 1)
+
+    def number(self) -> int:
+        """Which pause (or resume) of the agent this transition is: 1 for its first."""
+        return self.pauses if self.paused else self.resumes
+
+
+@dataclasses.dataclass
+class PauseFigures:
+    """An agent's pause and resume marks over a recording, and its counters' increase."""
+
+    pauses: list[float] = dataclasses.field(default_factory=list)  # when each was sent
+    resumes: list[float] = dataclasses.field(default_factory=list)
+    counted_pauses: int = 0  # how much its own counters grew
+    counted_resumes: int = 0
+
+    def line(self, agent: str) -> str:
+        """``agent-1: 7 pauses, 7 resumes (its counters: +7, +7)``."""
+        return (
+            f"{agent}: {len(self.pauses)} pauses, {len(self.resumes)} resumes"
+            f" (its counters: +{self.counted_pauses}, +{self.counted_resumes})"
+        )
+
+    def agree(self) -> bool:
+        """Whether the marks match the agent's counters."""
+        return (len(self.pauses), len(self.resumes)) == (self.counted_pauses, self.counted_resumes)
+
+
+def pause_figures(messages: list[Counters], started: float) -> PauseFigures:
+    """An agent's marks and counters over the recording that started at ``started``.
+
+    The counters at the start are those of the last message sent before it (a latched
+    one); without one, those just before the first message. A transition is a mark if
+    its number is above the counters at the start: one that happened before the start
+    (its ``/pauses`` late, or latched) is not. Counters that fall mean the agent
+    restarted: its counts start again from 0.
+    """
+    figures = PauseFigures()
+    ordered = sorted(messages, key=lambda message: message.sent)
+    if not ordered:
+        return figures
+    earlier = [message for message in ordered if message.sent < started]
+    if earlier:
+        base, recorded = (earlier[-1].pauses, earlier[-1].resumes), ordered[len(earlier) :]
+    else:
+        base, recorded = ordered[0].before(), ordered
+    last = base
+    seen: set[tuple[bool, int]] = set()
+    for message in recorded:
+        if message.pauses < last[0] or message.resumes < last[1]:  # it restarted
+            figures.counted_pauses += last[0] - base[0]
+            figures.counted_resumes += last[1] - base[1]
+            base = (0, 0)
+            seen.clear()
+        last = (message.pauses, message.resumes)
+        if message.paused is None:
+            continue
+        kind = 0 if message.paused else 1
+        if message.number() > base[kind] and (message.paused, message.number()) not in seen:
+            seen.add((message.paused, message.number()))
+            (figures.pauses if message.paused else figures.resumes).append(message.sent)
+    figures.counted_pauses += last[0] - base[0]
+    figures.counted_resumes += last[1] - base[1]
+    return figures
 
 
 @dataclasses.dataclass
 class Recording:
     """What the plot needs from a recording, times in seconds of the services' clock."""
 
-    # (time, count) of storage, and its max_storage once known.
-    fill: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    # When the recorder received its first event; None for a file without receive stamps.
+    started: float | None = None
+    # (time, count) of storage from /level, and from /stats; its max_storage once known.
+    levels: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    stats_fill: list[tuple[float, float]] = dataclasses.field(default_factory=list)
     max_storage: float | None = None
     residuals: list[tuple[float, float]] = dataclasses.field(default_factory=list)
-    # Per agent: when it sent each sample, and its rate per task from its /stats.
+    # (time, refused) from storage's /stats: its refused stores so far.
+    refused: list[tuple[float, float]] = dataclasses.field(default_factory=list)
+    # Per agent: when it sent each sample, and the counters of its /pauses and /stats.
     samples: dict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(list))
-    rates: dict[str, float] = dataclasses.field(default_factory=dict)
+    counters: dict[str, list[Counters]] = dataclasses.field(default_factory=lambda: defaultdict(list))
 
     def add(self, name: str, event: Event, message: Message) -> None:
         """Takes in one event if it is one the plot shows (``name``: ``agent-1/sample``)."""
         stamp = sent_at(event)
         if stamp is None:
             return
+        arrived = received_at(event)
+        if arrived is not None:
+            self.started = arrived if self.started is None else min(self.started, arrived)
         service, _, path = name.partition("/")
-        if service.startswith("storage") and path == "stats" and isinstance(message, Struct):
-            self.fill.append((stamp, message["count"]))
-            self.max_storage = message["max_storage"]
-        elif service.startswith("storage") and path == "residual" and isinstance(message, Int32Value):
-            self.residuals.append((stamp, message.value))
+        if service.startswith("storage"):
+            self.add_storage(path, stamp, message)
         elif service.startswith("agent") and path == "sample":
             self.samples[service].append(stamp)
-        elif service.startswith("agent") and path == "stats" and isinstance(message, Struct):
-            # Its tasks take turns: together they publish rate x num_tasks times a second.
-            self.rates[service] = message["rate"] * message["num_tasks"]
+        elif service.startswith("agent") and path in ("pauses", "stats") and isinstance(message, Struct):
+            paused = bool(message["paused"]) if path == "pauses" else None
+            self.counters[service].append(Counters(stamp, int(message["pauses"]), int(message["resumes"]), paused))
+
+    def add_storage(self, path: str, stamp: float, message: Message) -> None:
+        """Takes in one of storage's events."""
+        if path == "level" and isinstance(message, Struct):
+            self.levels.append((stamp, message["count"]))
+            self.max_storage = message["max_storage"]
+        elif path == "stats" and isinstance(message, Struct):
+            self.stats_fill.append((stamp, message["count"]))
+            self.refused.append((stamp, message["refused"]))
+            self.max_storage = message["max_storage"]
+        elif path == "residual" and isinstance(message, Int32Value):
+            self.residuals.append((stamp, message.value))
 
     def start(self) -> float:
-        """The time of the earliest event the plot shows."""
-        times = [stamp for stamp, _ in self.fill + self.residuals]
+        """Time 0 of the plot: when the recording started.
+
+        A file without receive stamps starts at its earliest event sent (latched ones
+        included: it cannot tell them apart).
+        """
+        if self.started is not None:
+            return self.started
+        times = [stamp for stamp, _ in self.levels + self.stats_fill + self.residuals]
         times += [stamps[0] for stamps in self.samples.values() if stamps]
         return min(times, default=0.0)
 
     def fill_levels(self) -> list[tuple[float, float]]:
-        """Storage's count over time, from its /stats and its /residual, in order.
+        """Storage's count over time, in order: from /level, or else /stats and /residual.
 
         A residual is ``max_storage - count``: it needs ``max_storage`` from a /stats.
         """
-        levels = list(self.fill)
+        if self.levels:
+            return sorted(self.levels)
+        levels = list(self.stats_fill)
         if self.max_storage is not None:
             levels += [(stamp, self.max_storage - residual) for stamp, residual in self.residuals]
         return sorted(levels)
+
+    def agents(self) -> list[str]:
+        """The agents in the recording, in order: each keeps its colour in both panels."""
+        return sorted(set(self.samples) | set(self.counters))
+
+    def pause_figures(self) -> dict[str, PauseFigures]:
+        """Each agent's pause and resume marks, with its counters over the recording."""
+        return {agent: pause_figures(messages, self.start()) for agent, messages in sorted(self.counters.items())}
 
 
 def load(file: Path) -> Recording:
@@ -102,6 +228,55 @@ def load(file: Path) -> Recording:
     for name, event, message in read_messages(file):
         recording.add(name, event, message)
     return recording
+
+
+def clipped(levels: list[tuple[float, float]], start: float) -> tuple[float | None, list[tuple[float, float]]]:
+    """The fill at ``start`` (the last level sent before it, if any) and the levels after it."""
+    earlier = [count for stamp, count in levels if stamp < start]
+    return (earlier[-1] if earlier else None), [(stamp, count) for stamp, count in levels if stamp >= start]
+
+
+def refusals_while_full(recording: Recording) -> tuple[int, int, int]:
+    """Storage's refused stores over the recording, checked against the line.
+
+    Returns:
+        The growth of its ``refused`` counter, the number of ``/stats`` intervals in
+        which it grew, and how many of those the line reaches ``max_storage`` in.
+
+    """
+    levels = recording.fill_levels()
+    ordered = sorted(recording.refused)
+    grown = intervals = full = 0
+    for (before, refused_before), (after, refused_after) in zip(ordered, ordered[1:]):
+        if refused_after <= refused_before:
+            continue  # none refused, or storage restarted
+        grown += int(refused_after - refused_before)
+        intervals += 1
+        # Full in the interval: a level at max_storage in it, or the last one before it.
+        counts = [count for stamp, count in levels if before <= stamp <= after]
+        counts += [level_at(levels, before)]
+        full += recording.max_storage in counts
+    return grown, intervals, full
+
+
+def report(recording: Recording) -> list[str]:
+    """The lines plotting prints: each agent's marks and counters, and storage's refusals."""
+    marks = recording.pause_figures()
+    lines = [figures.line(agent) for agent, figures in marks.items()]
+    lines += [
+        f"note: {agent}'s marks differ from its counters: the recording lacks some of its /pauses events"
+        for agent, figures in marks.items()
+        if not figures.agree()
+    ]
+    if recording.levels and recording.max_storage is not None:
+        grown, intervals, full = refusals_while_full(recording)
+        lines.append(
+            f"storage: refused +{grown:.0f} stores (its counter) in {intervals} of its /stats intervals;"
+            f" the line reaches max_storage ({recording.max_storage:.0f}) in {full} of them"
+        )
+    elif recording.max_storage is not None:
+        lines.append("storage: no /level in the recording; the fill comes from /stats and /residual")
+    return lines
 
 
 def sample_rates(stamps: list[float], start: float) -> tuple[list[float], list[float]]:
@@ -118,24 +293,6 @@ def sample_rates(stamps: list[float], start: float) -> tuple[list[float], list[f
     return [(index + 0.5) * RATE_BIN_S for index in bins], [counts[index] / RATE_BIN_S for index in bins]
 
 
-def pauses(stamps: list[float], rate: float | None, drains: list[float]) -> tuple[list[float], list[float]]:
-    """When an agent paused and when it resumed: the gaps in its samples that a drain ended.
-
-    ``rate`` is the agent's samples per second, all tasks together: while it runs it
-    publishes at least every ``1/rate``. A pause begins where the next sample was due.
-    """
-    if not rate:
-        return [], []
-    period = 1.0 / rate
-    ordered = sorted(stamps)
-    gaps = [
-        (before, after)
-        for before, after in zip(ordered, ordered[1:])
-        if after - before > period + PAUSE_GAP_S and any(before < drain < after for drain in drains)
-    ]
-    return [before + period for before, _ in gaps], [after for _, after in gaps]
-
-
 def draw(recording: Recording, title: str, output: Path, pyplot: Any) -> None:
     """Draws the two panels and writes the PNG."""
     start = recording.start()
@@ -143,32 +300,40 @@ def draw(recording: Recording, title: str, output: Path, pyplot: Any) -> None:
     figure.suptitle(f"storage fill and agent sample rates: {title}", fontsize=10)
     draw_fill(fill_axes, recording, start)
     draw_rates(rate_axes, recording, start)
-    rate_axes.set_xlabel("seconds since the first event")
+    rate_axes.set_xlabel("seconds since the recording started")
+    rate_axes.set_xlim(left=0)
     figure.tight_layout()
     figure.savefig(output)
     pyplot.close(figure)
 
 
 def draw_fill(axes: Any, recording: Recording, start: float) -> None:
-    """Storage's count, with each agent's pauses (at the top) and resumes (at the level after the drain)."""
+    """Storage's count, with each agent's pauses (at the top) and resumes (at the level then)."""
     levels = recording.fill_levels()
-    axes.plot([stamp - start for stamp, _ in levels], [count for _, count in levels], ".-", color="C7", label="items")
+    at_start, recorded = clipped(levels, start)
+    line = ([(start, at_start)] if at_start is not None else []) + recorded
+    axes.plot([stamp - start for stamp, _ in line], [count for _, count in line], ".-", color="C7", label="items")
+    if at_start is not None:
+        axes.plot([0], [at_start], "o", color="C7", markerfacecolor="white", label="items at the start\n(latched)")
     axes.set_ylabel("items in storage")
     if recording.max_storage is None:
         return
     top = recording.max_storage
     axes.axhline(top, color="C3", linestyle="--", linewidth=1, label="max_storage")
-    drains = [stamp for stamp, _ in recording.residuals]
-    for index, (agent, stamps) in enumerate(sorted(recording.samples.items())):
-        paused, resumed = pauses(stamps, recording.rates.get(agent), drains)
+    marks = recording.pause_figures()
+    for index, agent in enumerate(recording.agents()):
+        if agent not in marks:
+            continue
         # Agents pause and resume together: each agent's marks a little higher.
         lift = 0.04 * top * (index + 1)
+        paused, resumed = marks[agent].pauses, marks[agent].resumes
         axes.plot([moment - start for moment in paused], [top + lift] * len(paused), "v", color=f"C{index}")
         resumed_at = [level_at(levels, moment) + lift for moment in resumed]
         axes.plot([moment - start for moment in resumed], resumed_at, "^", color=f"C{index}")
     axes.plot([], [], "kv", label="an agent paused")
     axes.plot([], [], "k^", label="it resumed")
-    axes.set_ylim(top=1.2 * top)
+    axes.set_ylim(bottom=0, top=1.2 * top)
+    axes.yaxis.get_major_locator().set_params(integer=True)  # items are whole
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
 
 
@@ -180,8 +345,8 @@ def level_at(levels: list[tuple[float, float]], moment: float) -> float:
 
 def draw_rates(axes: Any, recording: Recording, start: float) -> None:
     """Each agent's samples/s."""
-    for index, (agent, stamps) in enumerate(sorted(recording.samples.items())):
-        times, rates = sample_rates(stamps, start)
+    for index, agent in enumerate(recording.agents()):
+        times, rates = sample_rates(recording.samples.get(agent, []), start)
         axes.plot(times, rates, color=f"C{index}", linewidth=1, label=agent)
     axes.set_ylabel(f"samples/s (per {RATE_BIN_S:g} s)")
     axes.set_ylim(bottom=0)
@@ -217,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         if not output.parent.is_dir():
             msg = f"cannot write {output}: folder {output.parent} does not exist"
             raise ConfigError(msg)
-        draw(load(file), file.name, output, pyplot)
+        recording = load(file)
+        draw(recording, file.name, output, pyplot)
+        for line in report(recording):
+            print(line)
         print(f"wrote {output}")
 
     return run_cli(body)
