@@ -1,13 +1,25 @@
-"""The monitor against a live system: its snapshot, its live view, a service down and back."""
+"""The monitor against a live system: its snapshot, its live view, a service down and back, q."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import pty
 import re
+import select
 import signal
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
 from pathlib import Path
 
 import pytest
-from helpers import STARTUP_TIMEOUT_S, Process, Services, write_config
+from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, write_config
+
+from tools import monitor
 
 # Agents and the agents each supervisor subscribes to, as in service_config.json.
 SUPERVISED = {"supervisor-1": ("agent-1", "agent-2"), "supervisor-2": ("agent-3",)}
@@ -18,18 +30,33 @@ MAX_LATENCY_MS = 1000.0
 ONCE_EXIT_S = 15.0
 
 
+LEGEND = "x/s: over the last 3 s; counts: since the service started, (n/min) over the last minute watched"
+# A count: its total since the service started and how fast it grew over the last minute.
+COUNT = re.compile(r"^(\d+) \((\d+)/min\)$")
+DOWN_SINCE = r"down for \d+ s, last seen \d\d:\d\d:\d\d"
+
+
 def snapshot(services: Services, config: Path) -> dict[str, list[str]]:
     """Runs ``monitor.py --once``; returns its rows by service: state, then the figures."""
     once = services.tool("monitor", "--service-config", str(config), "--once", label="monitor --once")
     assert once.wait_exit(ONCE_EXIT_S) == 0, once.output
     assert "Traceback" not in once.output, once.output
+    assert once.lines[1] == LEGEND, once.output
     rows = {}
     for line in once.lines:
         # Columns are two spaces apart or more; a cell holds single spaces at most.
         cells = re.split(r"\s{2,}", line.strip())
-        if len(cells) > 1 and re.match(r"^(agent|supervisor|storage)-?\d*$", cells[0]) and cells[1] in ("up", "down"):
+        # A service's row: its name, then "up" or "down ..." (the header says "state").
+        if len(cells) > 1 and re.match(r"^(agent|supervisor|storage)-?\d*$", cells[0]) and cells[1] != "state":
             rows[cells[0]] = cells[1:]
     return rows
+
+
+def assert_count(cell: str) -> int:
+    """Checks a count cell (``2 (0/min)``); returns the total."""
+    match = COUNT.match(cell)
+    assert match, cell
+    return int(match.group(1))
 
 
 def configured_rate(cell: str) -> float:
@@ -45,12 +72,13 @@ def assert_near(value: str, expected: float, what: str) -> None:
 
 def assert_agent_row(name: str, cells: list[str]) -> float:
     """Checks an agent's row; returns its configured samples/s."""
-    state, configured, achieved, remainder, paused, latency = cells
+    state, configured, achieved, remainder, paused, pauses, latency = cells
     assert state == "up", cells
     expected = configured_rate(configured)
     assert_near(achieved, expected, name)
     assert 0 <= int(remainder) <= MAX_STORAGE, cells
     assert paused == "no", cells
+    assert assert_count(pauses) >= 0, cells
     match = re.fullmatch(r"(\S+)/(\S+) ms", latency)
     assert match, f"{name} shows no latency: {cells}"
     p50, p99 = float(match.group(1)), float(match.group(2))
@@ -59,11 +87,13 @@ def assert_agent_row(name: str, cells: list[str]) -> float:
 
 
 def assert_supervisor_row(name: str, cells: list[str], expected_received: float) -> None:
-    state, received, stored, *failures = cells
+    state, agents, received, stored, *failures = cells
     assert state == "up", cells
+    assert agents == ", ".join(SUPERVISED[name]), cells  # what it says it serves, in its /stats
     assert_near(received, expected_received, name)
     assert 0 < float(stored) <= float(received), cells
-    assert all(int(count) >= 0 for count in failures), cells
+    assert len(failures) == 4, cells  # refused, not stored, dropped, unsent
+    assert all(assert_count(cell) >= 0 for cell in failures), cells
 
 
 def assert_storage_row(cells: list[str]) -> None:
@@ -74,7 +104,7 @@ def assert_storage_row(cells: list[str]) -> None:
     assert 0 <= int(match.group(1)) <= int(match.group(2)) == MAX_STORAGE, cells
     assert float(stores) > 0, cells
     assert float(drains) >= 0, cells
-    assert int(refused) >= 0, cells
+    assert assert_count(refused) >= 0, cells
 
 
 def assert_all_up_and_plausible(rows: dict[str, list[str]]) -> None:
@@ -94,7 +124,7 @@ def start_together(services: Services, config: Path, names: list[str]) -> dict[s
 
 
 def wait_row(monitor: Process, name: str, state: str) -> None:
-    """Waits for the live monitor to print a row of ``name`` in ``state`` from now on."""
+    """Waits for the live monitor to print a row of ``name`` in ``state`` (a pattern) from now on."""
     figures = r"\s+\S+ Hz x \d+\s+\d" if state == "up" and name.startswith("agent") else ""
     monitor.wait_for(rf"^{re.escape(name)}\s+{state}{figures}", timeout=10, start=len(monitor.lines))
 
@@ -106,7 +136,8 @@ def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_pat
     # Started first: the services come up while it watches. Its stdout is a pipe, so it
     # prints a plain snapshot every second.
     live = services.tool("monitor", "--service-config", str(config), label="monitor")
-    live.wait_for(r"^storage\s+down\s+-", timeout=10)
+    live.wait_for(r"^storage\s+down, never seen$", timeout=10)
+    assert LEGEND in live.lines, live.output
     # Supervisors last: they reach their agents at once, so that the rates they show
     # do not include a second of reconnecting to an agent that was not up yet.
     running = start_together(services, config, ["storage", "agent-1", "agent-2", "agent-3"])
@@ -118,12 +149,13 @@ def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_pat
     # SIGKILL, as tests/test_recovery.py does, so that the port is free again at once.
     running["agent-2"].popen.kill()
     running["agent-2"].wait_exit(5)
+    # A monitor that starts now never saw it; the one that watched says since when.
     rows = snapshot(services, config)
-    assert rows["agent-2"] == ["down"] + ["-"] * 5, rows["agent-2"]
+    assert rows["agent-2"] == ["down, never seen"], rows["agent-2"]
     for name in ("agent-1", "agent-3", "supervisor-1", "supervisor-2", "storage"):
         assert rows[name][0] == "up", (name, rows[name])
     assert_agent_row("agent-3", rows["agent-3"])
-    wait_row(live, "agent-2", "down")
+    wait_row(live, "agent-2", f"{DOWN_SINCE}$")
 
     # Back again: the live monitor carries on and shows its figures.
     running["agent-2"] = services.service(config, "agent-2")
@@ -133,7 +165,105 @@ def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_pat
     assert "Traceback" not in live.output
 
 
+def test_counts_show_the_last_minute_beside_the_total(tmp_path: Path) -> None:
+    view = next(view for view in monitor.views_of(str(write_config(tmp_path))) if view.name == "supervisor-1")
+    assert view.down_for(now=100.0) == "down, never seen"
+    # Two unsent at the start, none for the next 70 s: a total of 2, none lately.
+    for second in range(71):
+        figures = {"unsent": 2, "refused": second // 10, "received": 100 * second}
+        view.add(monitor.Stats(sequence=second, sent=1000.0 + second, figures=figures), now=second)
+    assert monitor.count(view, "unsent") == "2 (0/min)"
+    assert monitor.count(view, "refused") == "7 (6/min)"  # one every 10 s
+    assert monitor.per_second(view.rate("received")) == "100.0"
+    assert view.down_for(now=82.4).startswith("down for 12 s, last seen ")
+
+
 def test_monitor_reports_a_bad_config(services: Services, tmp_path: Path) -> None:
     monitor = services.tool("monitor", "--service-config", str(tmp_path / "missing.json"), "--once")
     assert monitor.wait_exit(10) == 1
     assert monitor.lines == [f"error: config file {tmp_path / 'missing.json'} does not exist"]
+
+
+class TerminalProcess:
+    """A process whose stdin, stdout and stderr are a terminal (a pty), as a person runs it.
+
+    Duck-typed like ``helpers.Process`` for the ``services`` fixture, which stops it.
+    """
+
+    def __init__(self, label: str, argv: list[str]) -> None:
+        self.label = label
+        self.lines: list[str] = []
+        self.master, self.terminal = pty.openpty()
+        # 40 rows of 120 columns: wide enough for every table.
+        fcntl.ioctl(self.terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        self.settings = termios.tcgetattr(self.terminal)
+        self._output = b""
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        env = dict(os.environ, TERM="xterm-256color", PYTHONUNBUFFERED="1")
+        self.popen = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdin=self.terminal, stdout=self.terminal, stderr=self.terminal
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._done.is_set():
+            ready, _, _ = select.select([self.master], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 65536)
+                except OSError:
+                    return
+                with self._lock:
+                    self._output += chunk
+                    self.lines = self._output.decode(errors="replace").splitlines()
+
+    def wait_for_text(self, text: str, timeout: float) -> None:
+        """Waits until the terminal shows ``text``; fails with what it shows otherwise."""
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self._output:
+            if self.popen.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"{self.label} did not show {text!r} within {timeout} s:\n{self._output[-3000:]!r}")
+            time.sleep(0.05)  # readiness-free: polls the terminal's output, bounded by the deadline
+
+    def type(self, keys: bytes) -> None:
+        """Types keys into the terminal."""
+        os.write(self.master, keys)
+
+    def signal(self, signum: int) -> None:
+        """Sends a signal if it still runs."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL; then closes the terminal."""
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(10)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+        self._done.set()
+        self._reader.join(5)
+        for fd in (self.master, self.terminal):
+            os.close(fd)
+
+
+def test_live_view_in_a_terminal_quits_on_q_and_restores_the_terminal(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path)  # nothing runs there: every service is down
+    monitor = TerminalProcess(
+        "monitor (terminal)", [sys.executable, "-m", "tools.monitor", "--service-config", str(config)]
+    )
+    services.started.append(monitor)  # type: ignore[arg-type]
+    monitor.wait_for_text("q or Ctrl-C quits", timeout=15)
+    monitor.wait_for_text("down, never seen", timeout=5)
+    # Keys come one at a time, unechoed: no Enter needed.
+    assert not termios.tcgetattr(monitor.terminal)[3] & (termios.ICANON | termios.ECHO)
+    monitor.type(b"q")
+    try:
+        assert monitor.popen.wait(10) == 0
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"q did not stop the monitor:\n{monitor.lines[-20:]}")
+    assert termios.tcgetattr(monitor.terminal) == monitor.settings
