@@ -65,3 +65,22 @@ def test_bench_stops_its_services_on_ctrl_c(
         if any(str(tmp_path) in part for part in proc.info["cmdline"] or [])
     ]
     assert left == [], process.output
+
+
+def test_counters_are_read_over_one_interval_for_every_service() -> None:
+    def shot(stamp: float, published: float) -> bench.Snapshot:
+        return bench.Snapshot(stamp=stamp, figures={"published": published}, cpu_s=stamp / 2, rss_bytes=0)
+
+    # Two services whose /stats come 0.2 s apart, both counting 100 a second.
+    window = bench.Window(
+        opens=10.2,
+        closes=11.0,
+        snapshots={"a": [shot(10.0, 0), shot(11.0, 100)], "b": [shot(10.2, 20), shot(11.2, 120)]},
+        health={"a": [(9.99, {"/sample/dropped": 0}), (10.99, {"/sample/dropped": 8})]},
+    )
+    assert window.per_second("a", "published") == pytest.approx(100)
+    assert window.per_second("b", "published") == pytest.approx(100)
+    assert window.cpu_share("a") == pytest.approx(0.5)
+    # /health comes a moment before /stats on each beat: the last one stands for the close.
+    assert window.health_per_second("a", "/sample/dropped") == pytest.approx((8 - 0.21 * 8) / 0.8)
+    assert window.end("b").stamp == 11.2

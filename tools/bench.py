@@ -11,6 +11,9 @@ their processes, and prints one table. Every figure that involves a supervisor i
 twice in the same run, with the supervisor's defaults (``max_in_flight=8``, batches of up
 to ``max_batch=32``) and as the one-at-a-time design (``max_in_flight=1``, ``max_batch=1``),
 one after the other, and the table gives their ratio.
+
+Every figure of a step covers one interval, the same for all its services; counters are
+read between each service's ``/stats`` around its ends (see ``Window``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections import deque
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Sequence
@@ -59,6 +63,9 @@ SERVING_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 5.0
 # Services publish /stats every second; a few missed ones mean something is wrong.
 STATS_TIMEOUT_S = 10.0
+# A service publishes /health a moment (milliseconds) before /stats on each beat:
+# a /health this much before a /stats is of the same beat.
+HEALTH_SLACK_S = 0.1
 # How much of a service's output to show when it fails.
 OUTPUT_TAIL_BYTES = 3000
 
@@ -96,8 +103,6 @@ class Snapshot:
     # stamp); the same clock as time.monotonic() here.
     stamp: float
     figures: dict[str, Any]
-    # The last /health figures before this (farm-ng-core's, e.g. "/sample/dropped").
-    health: dict[str, Any]
     cpu_s: float
     rss_bytes: int
 
@@ -121,7 +126,11 @@ class Service:
         self._tail = b""
         self._new_stats = asyncio.Condition()
         self.latest: Snapshot | None = None
-        self.health: dict[str, Any] = {}
+        # Enough for a window of any length the benchmark uses: one a second.
+        self.history: deque[Snapshot] = deque(maxlen=64)
+        # (send stamp, figures) of its /health (farm-ng-core's, e.g. "/sample/dropped"):
+        # published on a beat of its own, so read at its own stamps.
+        self.health: deque[tuple[float, dict[str, Any]]] = deque(maxlen=64)
         self.client = PeerClient(self.config, BENCH_CLIENT)
         self._output = asyncio.ensure_future(self._read_output())
         self._watchers = [
@@ -205,18 +214,20 @@ class Service:
             snapshot = Snapshot(
                 stamp=send_stamp(event),
                 figures=dict(message),  # type: ignore[call-overload]
-                health=self.health,
                 cpu_s=times.user + times.system,
                 rss_bytes=self._resources.memory_info().rss,
             )
             async with self._new_stats:
                 self.latest = snapshot
+                self.history.append(snapshot)
                 self._new_stats.notify_all()
 
     async def _watch_health(self) -> None:
         request = SubscribeRequest(uri=Uri(path="/health", query=f"service_name={self.name}"), every_n=1)
-        async for _, message in self.client.subscribe(request, decode=True):
-            self.health = dict(message)  # type: ignore[call-overload]
+        async for event, message in self.client.subscribe(request, decode=True):
+            async with self._new_stats:
+                self.health.append((send_stamp(event), dict(message)))  # type: ignore[call-overload]
+                self._new_stats.notify_all()
 
     async def snapshot_where(self, wanted: Callable[[Snapshot], bool], what: str) -> Snapshot:
         """The first ``/stats`` snapshot, from the latest on, that is ``wanted``.
@@ -237,6 +248,27 @@ class Service:
                 raise BenchError(msg) from None
             assert self.latest is not None
             return self.latest
+
+    async def health_until(self, moment: float) -> None:
+        """Waits for the ``/health`` of the beat of ``moment``, or a later one.
+
+        A service publishes ``/health`` a moment before ``/stats`` on each beat: one up
+        to ``HEALTH_SLACK_S`` before ``moment`` is that beat's.
+
+        Raises:
+            BenchError: none came within ``STATS_TIMEOUT_S``.
+
+        """
+
+        def came() -> bool:
+            return bool(self.health) and self.health[-1][0] >= moment - HEALTH_SLACK_S
+
+        async with self._new_stats:
+            try:
+                await asyncio.wait_for(self._new_stats.wait_for(came), STATS_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                msg = f"{self.name} published no /health within {STATS_TIMEOUT_S:g} s:\n{self.output_tail()}"
+                raise BenchError(msg) from None
 
     async def stop(self) -> None:
         """Stops watching, then SIGTERM, then SIGKILL after ``STOP_TIMEOUT_S``."""
@@ -403,58 +435,106 @@ def agent_args(rate: float, num_tasks: int) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class Window:
-    """The first and last snapshot of each service over one measurement window."""
+    """One measurement interval, common to every service, and each service's figures around it.
 
-    start: dict[str, Snapshot]
-    end: dict[str, Snapshot]
+    Each service publishes ``/stats`` (and ``/health``) on its own beat, once a second,
+    so no two services' snapshots share a moment. A service's counter at either end of
+    the interval is read between its two snapshots around that moment, as if it grew
+    evenly in between: every figure of a row then covers the same interval (stored
+    and published of one relay step included), not windows up to a second apart.
+    """
 
-    def seconds(self, name: str) -> float:
-        """The length of ``name``'s window, by its own clock."""
-        return self.end[name].stamp - self.start[name].stamp
+    opens: float  # the services' monotonic clock (one host)
+    closes: float
+    snapshots: dict[str, list[Snapshot]]
+    health: dict[str, list[tuple[float, dict[str, Any]]]]
+
+    def seconds(self) -> float:
+        """The length of the interval."""
+        return self.closes - self.opens
+
+    def _grown(self, points: Sequence[tuple[float, float]], slack: float = 0.0) -> float:
+        """How much a value, given at ``(stamp, value)`` points, grew over the interval."""
+        return at(points, self.closes, slack) - at(points, self.opens, slack)
 
     def per_second(self, name: str, *keys: str) -> float:
         """How fast the sum of ``name``'s ``/stats`` counters ``keys`` grew."""
-        grown = sum(self.end[name].figures.get(key, 0) - self.start[name].figures.get(key, 0) for key in keys)
-        return grown / self.seconds(name)
+        snapshots = self.snapshots[name]
+        grown = sum(self._grown([(shot.stamp, shot.figures.get(key, 0)) for shot in snapshots]) for key in keys)
+        return grown / self.seconds()
 
     def health_per_second(self, name: str, key: str) -> float:
         """How fast one of ``name``'s ``/health`` counters grew."""
-        return (self.end[name].health.get(key, 0) - self.start[name].health.get(key, 0)) / self.seconds(name)
+        points = [(stamp, figures.get(key, 0)) for stamp, figures in self.health[name]]
+        return self._grown(points, HEALTH_SLACK_S) / self.seconds()
 
     def cpu_share(self, name: str) -> float:
-        """CPU seconds ``name``'s process used per second of the window."""
-        return (self.end[name].cpu_s - self.start[name].cpu_s) / self.seconds(name)
+        """CPU seconds ``name``'s process used per second of the interval."""
+        return self._grown([(shot.stamp, shot.cpu_s) for shot in self.snapshots[name]]) / self.seconds()
+
+    def end(self, name: str) -> Snapshot:
+        """``name``'s first snapshot at or after the interval closed."""
+        return next(snapshot for snapshot in self.snapshots[name] if snapshot.stamp >= self.closes)
 
     def figure(self, name: str, key: str) -> float:
-        """One of ``name``'s figures at the end of the window (NaN if it has none)."""
-        return float(self.end[name].figures.get(key, float("nan")))
+        """One of ``name``'s figures at the end of the interval (NaN if it has none)."""
+        return float(self.end(name).figures.get(key, float("nan")))
+
+
+def at(points: Sequence[tuple[float, float]], moment: float, slack: float = 0.0) -> float:
+    """A value at ``moment``, read on the line between the two ``(stamp, value)`` points around it.
+
+    Some ``points`` are at or before ``moment``; some at or after it, or else the last
+    one is at most ``slack`` before it and stands for it.
+    """
+    before = max((point for point in points if point[0] <= moment), key=lambda point: point[0])
+    after = min((point for point in points if point[0] >= moment), key=lambda point: point[0], default=None)
+    if after is None and moment - before[0] <= slack:
+        return before[1]
+    if after is None:
+        msg = f"no figures after {moment:.3f} (the last at {before[0]:.3f})"
+        raise BenchError(msg)
+    if after[0] == before[0]:
+        return before[1]
+    return before[1] + (moment - before[0]) / (after[0] - before[0]) * (after[1] - before[1])
 
 
 async def measure(system: System, window_s: float) -> Window:
-    """Measures every service of ``system`` over ``window_s``, once samples flow.
+    """Measures every service of ``system`` over about ``window_s``, once samples flow.
 
-    Each service's window starts at its first ``/stats`` that shows samples going
-    through it (so the flow had begun before the window), and ends at its first
-    ``/stats`` ``window_s`` later. Services publish ``/stats`` every second, each on its
-    own beat, so the windows of two services are offset by less than a second.
+    The interval opens when the last service to show samples going through it (in its
+    ``/stats``) does so: every service was flowing by then. It closes at the first
+    moment by which every service has sent a ``/stats`` about ``window_s`` after that.
+    The services started together and publish once a second from their start, so
+    their beats are a fraction of a second apart: the interval is a little shorter
+    than ``window_s`` (by that fraction), and takes no longer to measure than each
+    service's own window would.
     """
     services = list(system.services.values())
     starts = await asyncio.gather(*(service.snapshot_where(is_flowing, "samples flowing") for service in services))
+    opens = max(start.stamp for start in starts)
     ends = await asyncio.gather(
-        *(
-            service.snapshot_where(window_end(start, window_s), "a new snapshot")
-            for service, start in zip(services, starts)
-        )
+        *(service.snapshot_where(window_end(opens, window_s), "a new snapshot") for service in services)
     )
-    names = [service.name for service in services]
-    return Window(dict(zip(names, starts)), dict(zip(names, ends)))
+    closes = min(end.stamp for end in ends)
+    await asyncio.gather(*(service.health_until(closes) for service in services))
+    return Window(
+        opens,
+        closes,
+        snapshots={
+            service.name: [shot for shot in service.history if start.stamp <= shot.stamp <= end.stamp]
+            for service, start, end in zip(services, starts, ends)
+        },
+        health={service.name: list(service.health) for service in services},
+    )
 
 
-def window_end(start: Snapshot, window_s: float) -> Callable[[Snapshot], bool]:
-    """Whether a snapshot ends the window that ``start`` opened: the next one at least."""
-    # A little short of window_s: /stats come every second plus the time to publish.
-    wanted = start.stamp + window_s - 0.5
-    return lambda snapshot: snapshot.stamp > start.stamp and snapshot.stamp >= wanted
+def window_end(opens: float, window_s: float) -> Callable[[Snapshot], bool]:
+    """Whether a snapshot is late enough to close a window that opened at ``opens``."""
+    # A little short of window_s: /stats come every second plus the time to publish,
+    # and the other services' beats a fraction of a second before or after.
+    wanted = opens + window_s - min(0.5, window_s / 2)
+    return lambda snapshot: snapshot.stamp > opens and snapshot.stamp >= wanted
 
 
 def is_flowing(snapshot: Snapshot) -> bool:
@@ -645,7 +725,7 @@ async def relay_step(runner: Runner, in_flight: int, rate: float, num_tasks: int
     if num_tasks == 1 and rate == CPU_RATE:
         figures[CPU_WARNING][in_flight] = cpu_per_thousand(window, RELAY_NAMES, RELAY_SUPERVISOR)
     if num_tasks == 1 and rate == CEILING_RATES[-1]:
-        figures[RSS][in_flight] = tuple(window.end[name].rss_bytes / 2**20 for name in RELAY_NAMES)
+        figures[RSS][in_flight] = tuple(window.end(name).rss_bytes / 2**20 for name in RELAY_NAMES)
 
 
 async def info_step(runner: Runner, in_flight: int) -> None:
@@ -789,9 +869,13 @@ def header(runs: int, window_s: float, jobs: int) -> list[str]:
         f"machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()}; load average at start {load}",
         f"python {platform.python_version()}, grpcio {grpc.__version__},"
         f" farm-ng-core {package_version('farm-ng-core')}, protobuf {package_version('protobuf')}",
-        f"{runs} run(s), medians shown; each figure over a {window_s:g} s window of the services' /stats",
+        f"{runs} run(s), medians shown; each step's figures over one interval of about {window_s:g} s, the same for",
+        "  all its services (each counter read between its service's /stats, once a second, around the ends).",
         "Agent rates, relay steps, ceiling, CPU, RSS: one agent task -> one supervisor (confidence=0) -> storage",
         "  that never fills, every service at log_level WARNING (the INFO row: the same at INFO, output to a pipe).",
+        "Relay rows: stored + lost can differ from published by the samples queued or in flight (up to 64 queued,",
+        "  max_in_flight x max_batch in flight) as the interval opened or closed: stored/s > published/s is a backlog",
+        "  drained within the interval.",
         "Latency: service_config.json as it is (log_level INFO): agent publish -> residual back at the agent;",
         "  unstored: samples above confidence the supervisor dropped, could not store or storage refused, plus",
         "  those the agent's server dropped from the supervisor's subscription queue. Ratio: default / one at a time.",
