@@ -17,7 +17,8 @@ from helpers import Services
 from tools import bench
 
 # Short windows, several steps at once: the figures mean nothing, the table is complete.
-SMOKE_ARGS = ("--seconds", "1", "--jobs", "4")
+# --quick: its plan, the agent-rate steps side by side, fills the same rows as the full one.
+SMOKE_ARGS = ("--quick", "--seconds", "1", "--jobs", "4")
 NUMBER = re.compile(r"\d")
 
 
@@ -35,7 +36,7 @@ def test_bench_prints_every_row(services: Services) -> None:
     process = services.tool("bench", *SMOKE_ARGS)
     assert process.wait_exit(90) == 0, process.output
     output = process.output
-    for heading in ("machine: ", "python ", "grpcio ", "farm-ng-core ", "load average at start"):
+    for heading in ("machine: ", "python ", "grpcio ", "farm-ng-core ", "load average at start", "side by side"):
         assert heading in output
     for row in bench.rows():
         many, one, ratio = cells(output, row.label)
@@ -65,6 +66,15 @@ def test_bench_stops_its_services_on_ctrl_c(
         if any(str(tmp_path) in part for part in proc.info["cmdline"] or [])
     ]
     assert left == [], process.output
+
+
+def test_both_plans_fill_the_same_rows() -> None:
+    # The full plan measures each agent-rate row in a step of its own, --quick in one.
+    full, quick = bench.plan(), bench.plan(quick=True)
+    assert len(quick) == len(full) - len(bench.OWN_RATE_STEPS) + 1
+    assert [step.what for step in quick if "side by side" in step.what] == [
+        "agents at 10 Hz x 1, 100 Hz x 1, 100 Hz x 10, side by side"
+    ]
 
 
 def test_counters_are_read_over_one_interval_for_every_service() -> None:

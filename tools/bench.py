@@ -13,7 +13,8 @@ to ``max_batch=32``) and as the one-at-a-time design (``max_in_flight=1``, ``max
 one after the other, and the table gives their ratio.
 
 Every figure of a step covers one interval, the same for all its services; counters are
-read between each service's ``/stats`` around its ends (see ``Window``).
+read between each service's ``/stats`` around its ends (see ``Window``). ``--quick``
+runs the agent-rate steps side by side to stay under a minute.
 """
 
 from __future__ import annotations
@@ -78,6 +79,8 @@ LATENCY_RATES = (200, 500, 1000)
 UNSTORED_RATE = 1000
 # The offered load (samples/s from one agent task) while looking for the relay ceiling.
 CEILING_RATES = (250, 500, 1000, 2000, 4000)
+# The agent-rate rows that need a step of their own: the others are ceiling steps.
+OWN_RATE_STEPS = tuple((rate, tasks) for rate, tasks in RATE_STEPS if tasks > 1 or rate not in CEILING_RATES)
 # The relay rate at which CPU per relayed sample is measured, at WARNING and at INFO.
 CPU_RATE = 500
 # Enough room that storage never refuses in a benchmark, and still an int32 residual.
@@ -402,18 +405,38 @@ RELAY_NAMES = (RELAY_AGENT, RELAY_SUPERVISOR, "storage")
 
 def relay_entries(in_flight: int, log_level: str, rate: float, num_tasks: int = 1) -> list[dict[str, Any]]:
     """One agent, one supervisor relaying every sample, storage that never fills."""
-    subscription = {"uri": {"path": "/sample", "query": f"service_name={RELAY_AGENT}"}, "every_n": 1}
-    common = {"host": "localhost", "log_level": log_level}
     return [
-        dict(common, name="storage", args=[f"max_storage={UNBOUNDED_STORAGE}", "batch_size=1"]),
-        dict(
-            common,
-            name=RELAY_SUPERVISOR,
-            args=["confidence=0", *relay_design(in_flight)],
-            subscriptions=[subscription],
-        ),
-        dict(common, name=RELAY_AGENT, args=agent_args(rate, num_tasks)),
+        storage_entry(log_level),
+        supervisor_entry(RELAY_SUPERVISOR, RELAY_AGENT, in_flight, log_level),
+        agent_entry(RELAY_AGENT, rate, num_tasks, log_level),
     ]
+
+
+def storage_entry(log_level: str) -> dict[str, Any]:
+    """A storage that never fills."""
+    return {
+        "name": "storage",
+        "host": "localhost",
+        "log_level": log_level,
+        "args": [f"max_storage={UNBOUNDED_STORAGE}", "batch_size=1"],
+    }
+
+
+def supervisor_entry(name: str, agent: str, in_flight: int, log_level: str) -> dict[str, Any]:
+    """A supervisor that relays every sample of one agent (confidence 0)."""
+    subscription = {"uri": {"path": "/sample", "query": f"service_name={agent}"}, "every_n": 1}
+    return {
+        "name": name,
+        "host": "localhost",
+        "log_level": log_level,
+        "args": ["confidence=0", *relay_design(in_flight)],
+        "subscriptions": [subscription],
+    }
+
+
+def agent_entry(name: str, rate: float, num_tasks: int, log_level: str) -> dict[str, Any]:
+    """An agent."""
+    return {"name": name, "host": "localhost", "log_level": log_level, "args": agent_args(rate, num_tasks)}
 
 
 def relay_design(in_flight: int) -> list[str]:
@@ -728,6 +751,28 @@ async def relay_step(runner: Runner, in_flight: int, rate: float, num_tasks: int
         figures[RSS][in_flight] = tuple(window.end(name).rss_bytes / 2**20 for name in RELAY_NAMES)
 
 
+async def rates_step(runner: Runner) -> None:
+    """``--quick``: the agent-rate steps side by side, each agent with a supervisor of its own.
+
+    One storage (that never fills) for them all, every service at WARNING: the figures
+    their own steps give, on a machine that runs the others' services too.
+    """
+    entries = [storage_entry("WARNING")]
+    agents = {}
+    for number, (rate, tasks) in enumerate(OWN_RATE_STEPS, 1):
+        agent = f"agent-{number}"
+        entries.append(supervisor_entry(f"supervisor-{number}", agent, IN_FLIGHT[0], "WARNING"))
+        entries.append(agent_entry(agent, rate, tasks, "WARNING"))
+        agents[agent] = (rate, tasks)
+    counted = next(agent for agent, (_, tasks) in agents.items() if tasks > 1)
+    window, counter = await runner.step(entries, counted)
+    for agent, (rate, tasks) in agents.items():
+        published = window.per_second(agent, "published")
+        runner.figures[rate_label(rate, tasks)][IN_FLIGHT[0]] = (published / (rate * tasks),)
+    if counter is not None:
+        runner.figures[DUPLICATES][IN_FLIGHT[0]] = (counter.duplicates, counter.received)
+
+
 async def info_step(runner: Runner, in_flight: int) -> None:
     """The CPU per relayed sample with every service at INFO, its output read from a pipe."""
     window, _ = await runner.step(relay_entries(in_flight, "INFO", CPU_RATE))
@@ -742,21 +787,26 @@ class Step:
     run: Callable[[Runner], Awaitable[None]]
 
 
-def plan() -> list[Step]:
-    """Every step of one run. The two columns of a row are measured one right after the other."""
+def plan(quick: bool = False) -> list[Step]:
+    """Every step of one run. The two columns of a row are measured one right after the other.
+
+    With ``quick``, the agent-rate steps run side by side as one step.
+    """
     steps: list[Step] = []
     for rate in (None, *LATENCY_RATES):
         what = "default config" if rate is None else f"default config, agent-3 at {rate:g} Hz"
         steps += both_designs(what, functools.partial(latency_step, agent_3_rate=rate))
-    # Rates that are also ceiling steps are measured there.
-    steps += [
-        Step(
-            f"agent at {rate:g} Hz x {tasks}",
-            functools.partial(relay_step, in_flight=IN_FLIGHT[0], rate=rate, num_tasks=tasks),
-        )
-        for rate, tasks in RATE_STEPS
-        if tasks > 1 or rate not in CEILING_RATES
-    ]
+    if quick:
+        rates = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in OWN_RATE_STEPS)
+        steps.append(Step(f"agents at {rates}, side by side", rates_step))
+    else:
+        steps += [
+            Step(
+                f"agent at {rate:g} Hz x {tasks}",
+                functools.partial(relay_step, in_flight=IN_FLIGHT[0], rate=rate, num_tasks=tasks),
+            )
+            for rate, tasks in OWN_RATE_STEPS
+        ]
     for rate in CEILING_RATES:
         steps += both_designs(f"relay at {rate:g}/s", functools.partial(relay_step, rate=rate))
     steps += both_designs(f"relay at {CPU_RATE}/s at INFO", info_step)
@@ -778,10 +828,12 @@ async def run_step(runner: Runner, step: Step, number: int, total: int) -> None:
         await step.run(runner)
 
 
-async def run_once(directory: Path, window_s: float, jobs: int) -> dict[str, dict[int, tuple[float, ...]]]:
-    """One run of every step; returns its figures."""
+async def run_once(
+    directory: Path, window_s: float, jobs: int, quick: bool = False
+) -> dict[str, dict[int, tuple[float, ...]]]:
+    """One run of every step (``quick``: the agent-rate steps side by side); returns its figures."""
     runner = Runner(directory, window_s, jobs)
-    planned = plan()
+    planned = plan(quick)
     steps = [
         asyncio.ensure_future(run_step(runner, step, number, len(planned))) for number, step in enumerate(planned, 1)
     ]
@@ -860,10 +912,11 @@ def package_version(name: str) -> str:
         return "?"
 
 
-def header(runs: int, window_s: float, jobs: int) -> list[str]:
+def header(runs: int, window_s: float, jobs: int, quick: bool = False) -> list[str]:
     """The machine, the versions, and how the figures were measured."""
     load = " ".join(f"{value:.2f}" for value in os.getloadavg())
     warning = [f"{jobs} steps ran at once: these figures are not measurements"] if jobs > 1 else []
+    side_by_side = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in OWN_RATE_STEPS)
     return [
         *warning,
         f"machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()}; load average at start {load}",
@@ -873,9 +926,14 @@ def header(runs: int, window_s: float, jobs: int) -> list[str]:
         "  all its services (each counter read between its service's /stats, once a second, around the ends).",
         "Agent rates, relay steps, ceiling, CPU, RSS: one agent task -> one supervisor (confidence=0) -> storage",
         "  that never fills, every service at log_level WARNING (the INFO row: the same at INFO, output to a pipe).",
-        "Relay rows: stored + lost can differ from published by the samples queued or in flight (up to 64 queued,",
-        "  max_in_flight x max_batch in flight) as the interval opened or closed: stored/s > published/s is a backlog",
-        "  drained within the interval.",
+        *(
+            [f"  --quick: the agent-rate rows of {side_by_side} ran side by side, each agent with its own supervisor."]
+            if quick
+            else []
+        ),
+        "Relay rows: published - stored - lost is how much the backlog grew over the interval (samples on their way",
+        "  to the supervisor, queued there or in flight to storage): stored/s a little above published/s is a backlog",
+        "  drained within the interval; far below it with few lost, a backlog building up (the supervisor lags).",
         "Latency: service_config.json as it is (log_level INFO): agent publish -> residual back at the agent;",
         "  unstored: samples above confidence the supervisor dropped, could not store or storage refused, plus",
         "  those the agent's server dropped from the supervisor's subscription queue. Ratio: default / one at a time.",
@@ -916,13 +974,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 async def run_bench(cli: argparse.Namespace) -> int:
     """Runs the benchmark and prints the table; returns the exit code."""
     window_s = cli.seconds or (QUICK_WINDOW_S if cli.quick else DEFAULT_WINDOW_S)
-    for line in header(cli.runs, window_s, cli.jobs):
+    for line in header(cli.runs, window_s, cli.jobs, cli.quick):
         print(line, flush=True)
     started = time.monotonic()
     runs = []
     with tempfile.TemporaryDirectory(prefix="bench-") as directory:
         for index in range(cli.runs):
-            runs.append(await run_once(Path(directory), window_s, cli.jobs))
+            runs.append(await run_once(Path(directory), window_s, cli.jobs, cli.quick))
             print(
                 f"run {index + 1}/{cli.runs} done after {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True
             )
