@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -284,7 +285,9 @@ class Service:
             try:
                 await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
             except asyncio.TimeoutError:
-                self.process.kill()
+                # It may exit between the timeout and the kill, on a starved machine.
+                with contextlib.suppress(ProcessLookupError):
+                    self.process.kill()
                 await self.process.wait()
         await asyncio.wait([self._output], timeout=1.0)
         self._output.cancel()
