@@ -27,6 +27,7 @@ import functools
 import itertools
 import json
 import logging
+import math
 import os
 import platform
 import signal
@@ -529,7 +530,8 @@ async def measure(system: System, window_s: float) -> Window:
     """Measures every service of ``system`` over about ``window_s``, once samples flow.
 
     The interval opens when the last service to show samples going through it (in its
-    ``/stats``) does so: every service was flowing by then. It closes at the first
+    ``/stats``) does so: every service was flowing by then (or, if later, when the
+    first ``/health`` the benchmark heard of a service was sent). It closes at the first
     moment by which every service has sent a ``/stats`` about ``window_s`` after that.
     The services started together and publish once a second from their start, so
     their beats are a fraction of a second apart: the interval is a little shorter
@@ -538,7 +540,11 @@ async def measure(system: System, window_s: float) -> Window:
     """
     services = list(system.services.values())
     starts = await asyncio.gather(*(service.snapshot_where(is_flowing, "samples flowing") for service in services))
-    opens = max(start.stamp for start in starts)
+    # /health is not latched: the first one the benchmark hears may come after the flow
+    # began (its subscription late on a busy machine). The interval opens once a /health
+    # of every service is known too, so that its counters can be read at the opening.
+    await asyncio.gather(*(service.health_until(-math.inf) for service in services))
+    opens = max(*(start.stamp for start in starts), *(service.health[0][0] for service in services))
     ends = await asyncio.gather(
         *(service.snapshot_where(window_end(opens, window_s), "a new snapshot") for service in services)
     )
