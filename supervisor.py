@@ -45,7 +45,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
-from propagation.peers import FRESH_STREAM_OPTIONS, PeerClient, PeerUnavailable
+from propagation.peers import PeerClient, PeerUnavailable, fresh_stream_options
 from propagation.relaying import AgentLink, Freshness, Relays
 from propagation.serving import create_server, serve
 
@@ -63,9 +63,9 @@ class Supervisor:
         # A client for each peer it talks to: storage and the agents it subscribes to.
         self.storage = PeerClient(spec.config_of("storage"), owner)
         self.agents = {
-            name: AgentLink(PeerClient(spec.config_of(name), owner, channel_options=FRESH_STREAM_OPTIONS), subscription)
+            agent.name: AgentLink(PeerClient(agent, owner, channel_options=fresh_stream_options(agent)), subscription)
             for subscription in service.config.subscriptions
-            if (name := wire.service_name_of(subscription.uri))
+            if (agent := spec.config_of(wire.service_name_of(subscription.uri) or ""))
         }
         self.counts = dict.fromkeys(("received", "below_confidence", "too_old", "stored", "refused"), 0)
         self.counts.update(dict.fromkeys(("malformed", "not_stored", "dropped", "unsent", "wakeups"), 0))

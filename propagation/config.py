@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import json
 import math
 import os
@@ -30,6 +31,7 @@ __all__ = [
     "check_entry",
     "check_port_free",
     "find_entry",
+    "is_loopback",
     "parse_args",
     "read_config",
     "role_of",
@@ -503,3 +505,15 @@ def check_port_free(host: str, port: int) -> None:
                 else:
                     msg = f"cannot listen on {host}:{port} ({sockaddr[0]}): {exc.strerror}"
                 raise ConfigError(msg) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback only (``localhost``, ``127.0.0.1``, ``::1``).
+
+    A service there is reached from this machine alone: never over a thin link.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)

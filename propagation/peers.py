@@ -34,6 +34,7 @@ from farm_ng.core.event_service_pb2_grpc import EventServiceStub
 from farm_ng.core.stamp import StampSemantics, get_monotonic_now, get_system_clock_now
 from farm_ng.core.uri import make_proto_uri
 
+from propagation.config import is_loopback
 from propagation.logs import Tally
 from propagation.serving import MAX_MESSAGE_BYTES, grpc_address
 from propagation.wire import PUBLISHED, REPLIES, WrongMessage, decode
@@ -43,7 +44,15 @@ if TYPE_CHECKING:
     from farm_ng.core.timestamp_pb2 import Timestamp
     from google.protobuf.message import Message
 
-__all__ = ["CALL_TIMEOUT_S", "CHANNEL_OPTIONS", "FRESH_STREAM_OPTIONS", "LIVENESS_S", "PeerClient", "PeerUnavailable"]
+__all__ = [
+    "CALL_TIMEOUT_S",
+    "CHANNEL_OPTIONS",
+    "FRESH_STREAM_OPTIONS",
+    "LIVENESS_S",
+    "PeerClient",
+    "PeerUnavailable",
+    "fresh_stream_options",
+]
 
 # Seconds a call may take before it counts as failed.
 CALL_TIMEOUT_S = 1.0
@@ -81,6 +90,15 @@ FRESH_STREAM_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1024),
 ]
+
+
+def fresh_stream_options(config: EventServiceConfig) -> list[tuple[str, Any]]:
+    """Channel options for a stream that must stay fresh from this peer.
+
+    ``FRESH_STREAM_OPTIONS`` unless the peer is on loopback: there no link is thin, and a
+    small window would cap how fast one stream can go (about 1,200 samples a second).
+    """
+    return [] if is_loopback(config.host) else list(FRESH_STREAM_OPTIONS)
 
 
 class PeerUnavailable(Exception):

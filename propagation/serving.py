@@ -21,7 +21,7 @@ import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 from google.protobuf.struct_pb2 import Struct
 
-from propagation.config import ConfigError, check_port_free
+from propagation.config import ConfigError, check_port_free, is_loopback
 from propagation.guard import REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS, PathGuard
 
 if TYPE_CHECKING:
@@ -52,10 +52,11 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.http2.max_ping_strikes", 0),
 )
 STATS_PERIOD_S = 1.0
-# Events a subscriber may have waiting (farm-ng-core's default is 10). Beyond that new
-# ones are dropped and counted (/health: <path>/dropped): on a thin link ten samples
-# are seconds of delay, and a residual for a stale sample is stale too.
-SUBSCRIBER_QUEUE = 3
+# Events a subscriber of a service reachable over a network may have waiting
+# (farm-ng-core's default, kept on loopback, is 10). Beyond that new ones are dropped and
+# counted (/health: <path>/dropped): on a thin link ten samples are seconds of delay, and
+# a residual for a stale sample is stale too.
+NETWORK_SUBSCRIBER_QUEUE = 3
 
 
 def create_server(contract: Contract) -> grpc.aio.Server:
@@ -93,7 +94,8 @@ async def serve(
     # EventServiceGrpc adds a stderr handler of its own; the root logger prints already.
     for handler in list(service.logger.handlers):
         service.logger.removeHandler(handler)
-    service.QUEUE_MAX_SIZE = SUBSCRIBER_QUEUE
+    if not is_loopback(service.config.host):
+        service.QUEUE_MAX_SIZE = NETWORK_SUBSCRIBER_QUEUE
     try:
         address = bind(service)
     except ConfigError:
