@@ -238,7 +238,7 @@ class PeerClient:
         except grpc.aio.AioRpcError as exc:
             await self._call_failed(exc, connection)
             raise PeerUnavailable(self.config.name) from None
-        self.mark_up()
+        self._mark_up(connection)
         reply.event.timestamps.append(get_monotonic_now(semantics=StampSemantics.CLIENT_RECEIVE))
         if not decode:
             return reply
@@ -280,14 +280,14 @@ class PeerClient:
                 try:
                     while (reply := await self._next_reply(call, connection)) is not None:
                         if first:  # later messages may be old ones still buffered
-                            self.mark_up()
+                            self._mark_up(connection)
                             first = False
                         reply.event.timestamps.append(get_monotonic_now(StampSemantics.CLIENT_RECEIVE))
                         message = self._decode_event(reply) if decode else reply.payload
                         if message is not None:
                             yield reply.event, message
                 except grpc.aio.AioRpcError as exc:
-                    self.mark_down(_rpc_reason(exc))
+                    self._mark_down(connection, _rpc_reason(exc))
                 finally:
                     call.cancel()
             await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
@@ -307,7 +307,7 @@ class PeerClient:
                     reply = reading.result()
                     return None if reply is grpc.aio.EOF else reply
                 if not await self.probe(connection):
-                    self.mark_down("no answer")
+                    self._mark_down(connection, "no answer")
                     await self._replace(connection)
                     return None
         finally:
@@ -324,7 +324,7 @@ class PeerClient:
         return True
 
     async def _call_failed(self, exc: grpc.aio.AioRpcError, connection: _Connection) -> None:
-        self.mark_down(_rpc_reason(exc))
+        self._mark_down(connection, _rpc_reason(exc))
         # A missed deadline on a connection that looks fine: packets may be vanishing.
         # Unless the peer answers a probe, a new connection replaces it; calls would
         # otherwise queue behind the dead one.
@@ -349,6 +349,16 @@ class PeerClient:
 
     # -----------------------------------------------------------------------------
     # Up and down
+
+    def _mark_up(self, connection: _Connection) -> None:
+        # What a retired connection says is old news (an old call that ends after a heal,
+        # say): only the current one tells whether the peer is up or down.
+        if connection is self._connection:
+            self.mark_up()
+
+    def _mark_down(self, connection: _Connection, why: str) -> None:
+        if connection is self._connection:
+            self.mark_down(why)
 
     def mark_up(self) -> None:
         """Records that the peer answered; says so if it had been down."""

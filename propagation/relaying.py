@@ -89,7 +89,7 @@ class Freshness:
     (its sequence numbers start again, and its clock may have).
     """
 
-    MAX_AGE_S = 0.5
+    MAX_AGE_S = 0.6
     WINDOW_S = 60.0
 
     def __init__(self) -> None:
