@@ -22,7 +22,7 @@ from propagation.config import ConfigError, Entry, check_entry, check_port_free,
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
 
-__all__ = ["ServiceSpec", "exit_on_bad_input", "load", "report_error", "run", "run_cli"]
+__all__ = ["ServiceSpec", "exit_on_bad_input", "load", "quiet_grpc_core", "report_error", "run", "run_cli"]
 
 ArgsT = TypeVar("ArgsT")
 
@@ -82,10 +82,21 @@ def exit_on_bad_input(description: str, args_type: type[Any]) -> None:
     """
     for signum in STOP_SIGNALS:
         signal.signal(signum, _exit_quietly)
+    quiet_grpc_core()
     try:
         load(description, args_type)
     except ConfigError as exc:
         sys.exit(report_error(exc))
+
+
+def quiet_grpc_core() -> None:
+    """Keeps gRPC's C core to errors; call it before grpc loads (it reads GRPC_VERBOSITY once).
+
+    From grpcio 1.7x its core writes a line at INFO on stderr, past Python's logging,
+    whenever a peer's server goes away (``Got goaway ... Cancelling all calls``): noise in
+    a service's output and across the monitor's live view.
+    """
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def run(

@@ -264,8 +264,10 @@ def test_restart_behind_a_partition(system: System) -> None:
     system.running["agent-3"].wait_exit(5)
     system.start("agent-3")
     time.sleep(10)  # readiness-free: the partition outlasts the servers' keepalive (5 s)
+    healed = time.monotonic()
     system.hosts.heal(2)
     system.propagating(RESUMED_S)
+    print(f"restart behind a partition: propagating again {time.monotonic() - healed:.1f} s after the heal")
     supervisor.wait_for("agent-3 is back", RESUMED_S, start=before)
     system.survived()
 

@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Seque
 # threads busy, can abort a process ("Check failed" in thd.h). The children exec at
 # once and need none. Read by gRPC when it is first imported, hence before it.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Its core's INFO lines ("Got goaway") each time a step's services stop: noise.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 import psutil

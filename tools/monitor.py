@@ -34,6 +34,11 @@ import tty
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
+from propagation.cli import quiet_grpc_core, run_cli
+
+if __name__ == "__main__":
+    quiet_grpc_core()  # before gRPC loads: its core's INFO lines would mix with the output
+
 from farm_ng.core.event_service_pb2 import SubscribeRequest
 from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
 from farm_ng.core.uri_pb2 import Uri
@@ -42,7 +47,6 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
-from propagation.cli import run_cli
 from propagation.config import ConfigError, Entry, check_endpoint, read_config, role_of
 from propagation.peers import PeerClient
 

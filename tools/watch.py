@@ -22,12 +22,16 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
+from propagation.cli import quiet_grpc_core, run_cli
+
+if __name__ == "__main__":
+    quiet_grpc_core()  # before gRPC loads: its core's INFO lines would mix with the output
+
 from farm_ng.core.event_service_pb2 import SubscribeRequest
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from propagation.cli import run_cli
 from propagation.config import ConfigError, check_endpoint, find_entry, read_config
 from propagation.peers import PeerClient
 
