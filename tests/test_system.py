@@ -23,8 +23,12 @@ def test_walkthrough_propagates(services: Services, tmp_path: Path) -> None:
     for process in running.values():
         assert "Traceback" not in process.output
         assert not any(line.startswith("INFO:") for line in process.lines), process.output
-    # Each line once: farm-ng-core's logging set-up would print it twice.
-    assert running["storage"].count(r"^Storage: 1/500 \(499 remaining\)$") == 1
+    # Each line once: farm-ng-core's logging set-up would print every line twice in a row.
+    # (A count can repeat after a drain, with "Removed from storage" between.)
+    storage_lines = running["storage"].lines[:]
+    assert storage_lines.count("Storage: 1/500 (499 remaining)") >= 1
+    doubled = [line for line, after in zip(storage_lines, storage_lines[1:]) if line == after]
+    assert not doubled, doubled
 
 
 def test_agents_pause_at_zero(services: Services, tmp_path: Path) -> None:
