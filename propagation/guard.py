@@ -23,7 +23,7 @@ import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 
 from propagation.logs import Tally
-from propagation.wire import Contract, WrongMessage, decode
+from propagation.wire import Contract, WrongMessage, decode, shown
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import RequestReplyRequest, SubscribeRequest
@@ -39,11 +39,6 @@ SUBSCRIBE = "/farm_ng.core.proto.EventService/subscribe"
 REFUSED_REQUESTS = "refused_requests"
 REFUSED_SUBSCRIPTIONS = "refused_subscriptions"
 SUBSCRIBERS = "subscribers"
-
-
-def shown(text: str, limit: int = 40) -> str:
-    """A path from the wire, safe for one log line: quoted, cut short."""
-    return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 class PathGuard(grpc.aio.ServerInterceptor):

@@ -55,6 +55,7 @@ __all__ = [
     "residual_stamps",
     "sample_value",
     "service_name_of",
+    "shown",
     "stamp_now",
 ]
 
@@ -119,9 +120,14 @@ def decode(event: Event, payload: bytes, expected: tuple[type[Message], ...] | t
 
     """
     kinds = expected if isinstance(expected, tuple) else (expected,)
-    named = _named_type(event)
+    named, file = _named_type(event)
     for kind in kinds:
         if named == kind.DESCRIPTOR.full_name:
+            if file != kind.DESCRIPTOR.file.name:
+                # farm-ng-core decodes by importing the module pb= names (the recorder
+                # does): only the file that defines the type gets through.
+                msg = f"{named} is not defined in {shown(file)}"
+                raise WrongMessage(msg)
             try:
                 return kind.FromString(payload)
             except DecodeError:
@@ -140,11 +146,20 @@ def sample_value(sample: Message | bytes) -> float | None:
     return value if isinstance(value, float) else None
 
 
-def _named_type(event: Event) -> str:
+def _named_type(event: Event) -> tuple[str, str]:
+    """The type and the .proto file (``type=``, ``pb=``) a protobuf event names; empty if none."""
+    if event.uri.scheme != "protobuf":
+        return "", ""
     try:
-        return uri_query_to_dict(event.uri).get("type", "")
+        query = uri_query_to_dict(event.uri)
     except ValueError:  # a query part without "="
-        return ""
+        return "", ""
+    return query.get("type", ""), query.get("pb", "")
+
+
+def shown(text: str, limit: int = 40) -> str:
+    """Text from the wire, safe for one log line: quoted, cut short."""
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 # ---------------------------------------------------------------------------------

@@ -63,6 +63,13 @@ def test_decode_by_path() -> None:
         wire.decode(event_of("/update_residual", residual, "type=x.abort&pb=os"), b"", Int32Value)
     with pytest.raises(wire.WrongMessage, match="payload is not a valid"):
         wire.decode(event_of("/update_residual", residual), b"\xff\xff\xff", Int32Value)
+    # The right type from another module: farm-ng-core would import the module pb= names.
+    with pytest.raises(wire.WrongMessage, match="is not defined in 'this'"):
+        wire.decode(event_of("/update_residual", residual, "type=google.protobuf.Int32Value&pb=this"), b"", Int32Value)
+    without_scheme = event_of("/update_residual", residual)
+    without_scheme.uri.scheme = ""
+    with pytest.raises(wire.WrongMessage, match="not an unnamed type"):
+        wire.decode(without_scheme, b"", Int32Value)
     with pytest.raises(wire.WrongMessage, match="not an unnamed type"):
         wire.decode(Event(uri=Uri(path="/sample", query="broken")), b"", Struct)
     assert isinstance(wire.decode(event_of("/update_storage_batch", Empty()), b"", (Struct, Empty)), Empty)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, free_ports, write_config
+from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, free_ports, raw_request, write_config
 
 from tools import plot
 
@@ -138,6 +138,21 @@ def wait_pause_and_resume(agent: Process) -> None:
     after = wait_line(agent, r"^Remainder: 0$", len(agent.lines))
     after = wait_line(agent, r"^Remainder: [1-9]\d*$", after)
     wait_line(agent, r"^Remainder: 0$", after)
+
+
+def test_the_recorder_refuses_a_request_naming_another_module(services: Services, tmp_path: Path) -> None:
+    record_config = record_config_for(write_config(tmp_path), tmp_path)
+    command = ("--service-config", str(record_config), "--service-name", "recorder")
+    recorder = services.tool("recorder", *command, label="recorder")
+    recorder.wait_for(r"^recorder serving on ", STARTUP_TIMEOUT_S)
+    # The right type, but pb= names another module: RecorderService decodes a request by
+    # importing the module pb= names, so this must not reach it.
+    hostile = "type=farm_ng.core.proto.EventServiceConfigList&pb=this"
+    code, details = raw_request(record_config, "recorder", "/start/record_default", b"", hostile)
+    assert (code, details) == ("INVALID_ARGUMENT", "farm_ng.core.proto.EventServiceConfigList is not defined in 'this'")
+    empty = "type=google.protobuf.Empty&pb=google/protobuf/empty.proto"
+    assert raw_request(record_config, "recorder", "/stop", b"", empty) == ("OK", "")  # still serving
+    assert "Traceback" not in recorder.output, recorder.output
 
 
 # matplotlib's first import builds a font cache: busy, like the other tests of the group.
