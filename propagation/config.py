@@ -226,11 +226,16 @@ def _parse_json(path: str, data: bytes) -> Any:
 
 
 def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(item) for item in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(item) for item in value), default=0)
-    return 0
+    # Without recursion: a file of a few kilobytes can nest thousands of levels.
+    deepest = 0
+    pending = [(value, 1)]  # a value, and its depth if it is a list or an object
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            pending.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 # ---------------------------------------------------------------------------------
@@ -261,6 +266,7 @@ def _entry(where: str, index: int, raw: Any) -> Entry:
     if not isinstance(host, str) or len(host) > MAX_TEXT or (host and not HOST.fullmatch(host)):
         msg = f"{where} has host {host!r}: not a host name or address"
         raise ConfigError(msg)
+    _uris(where, raw.get("uris", []))
     return Entry(
         name=name,
         host=host,
@@ -280,8 +286,9 @@ def _integer(where: str, field: str, value: Any) -> int:
 
 
 def _log_level(where: str, value: Any) -> int:
-    if isinstance(value, str) and value.upper() in LOG_LEVELS:
-        return LOG_LEVELS[value.upper()]
+    # As farm-ng-core reads it: a LogLevel name, in capitals, or its number.
+    if isinstance(value, str) and value in LOG_LEVELS:
+        return LOG_LEVELS[value]
     if isinstance(value, int) and not isinstance(value, bool) and value in LOG_LEVELS.values():
         return value
     msg = f"{where}: log_level {value!r} is not one of {', '.join(LOG_LEVELS)}"
@@ -311,19 +318,35 @@ def _subscriptions(where: str, value: Any) -> list[Subscription]:
                 f'{where}: subscription "uri": {uri!r} must be an object: {{"path": ..., "query": "service_name=..."}}'
             )
             raise ConfigError(msg)
-        if not isinstance(uri, dict) or set(raw) - SUBSCRIPTION_FIELDS or set(uri) - URI_FIELDS:
+        if not isinstance(uri, dict) or set(raw) - SUBSCRIPTION_FIELDS:
             msg = f'{where}: a subscription must be {{"uri": {{"path": ..., "query": ...}}, "every_n": 1}}'
             raise ConfigError(msg)
+        _uri(where, "a subscription's uri", uri)
         path, query = uri.get("path", ""), uri.get("query", "")
-        if not all(isinstance(text, str) and len(text) <= MAX_TEXT for text in (path, query)):
-            msg = f"{where}: a subscription's path and query must be strings of at most {MAX_TEXT} characters"
-            raise ConfigError(msg)
         every_n = _integer(where, "every_n", raw.get("every_n", raw.get("everyN", 0)))
         if not 0 <= every_n < 2**32:
             msg = f"{where}: every_n {every_n} is out of range"
             raise ConfigError(msg)
         found.append(Subscription(path, query, every_n))
     return found
+
+
+def _uri(where: str, what: str, uri: Any) -> None:
+    """Checks a URI object as farm-ng-core's ``Uri`` reads it: string fields it knows."""
+    if not isinstance(uri, dict) or set(uri) - URI_FIELDS:
+        msg = f"{where}: {what} must be an object with {', '.join(sorted(URI_FIELDS))}"
+        raise ConfigError(msg)
+    if not all(isinstance(text, str) and len(text) <= MAX_TEXT for text in uri.values()):
+        msg = f"{where}: {what} holds a field that is not a string of at most {MAX_TEXT} characters"
+        raise ConfigError(msg)
+
+
+def _uris(where: str, value: Any) -> None:
+    if not isinstance(value, list) or len(value) > MAX_LIST:
+        msg = f"{where}: uris must be a list of at most {MAX_LIST}"
+        raise ConfigError(msg)
+    for uri in value:
+        _uri(where, "each of uris", uri)
 
 
 def find_entry(entries: Sequence[Entry], name: str, path: str = "the config") -> Entry:

@@ -64,6 +64,7 @@ def test_the_shipped_config_reads() -> None:
         ('{"configs": [{"name": "a", "port": ' + "9" * 40 + "}]}", "a number of 40 characters"),
         ('{"configs": [{"name": "a", "port": NaN}]}', "NaN is not a JSON number"),
         ('{"configs": [' + "[" * 50 + "]" * 50 + "]}", "nests deeper than 8 levels"),
+        ('{"configs": [' + "[" * 900 + "]" * 900 + "]}", "nests deeper than 8 levels"),
         (b"\xff\xfe{}", "is not UTF-8 text"),
         (" " * (MAX_CONFIG_BYTES + 1), "is larger than 256 KiB"),
     ],
@@ -99,6 +100,13 @@ def test_missing_file_directory_and_fifo(tmp_path: Path) -> None:
         ({"name": "agent-1", "port": "5001"}, "port '5001' is not a whole number"),
         ({"name": "agent-1", "host": "a host"}, "host 'a host'"),
         ({"name": "agent-1", "log_level": "LOUD"}, "log_level 'LOUD'"),
+        ({"name": "agent-1", "log_level": "info"}, "log_level 'info'"),  # farm-ng-core reads capitals only
+        ({"name": "agent-1", "uris": "x"}, "uris must be a list"),
+        ({"name": "agent-1", "uris": [{"path": 5}]}, "each of uris holds a field that is not a string"),
+        (
+            {"name": "supervisor-1", "subscriptions": [{"uri": {"path": "/sample", "scheme": 5}}]},
+            "a subscription's uri holds a field that is not a string",
+        ),
         ({"name": "agent-1", "args": "rate=5"}, "args must be a list of strings"),
         ({"name": "agent-1", "args": ["x"] * 65}, "more than 64 items"),
         ({"name": "agent-1", "speed": 3}, "unknown field 'speed'"),
