@@ -319,7 +319,7 @@ class PeerClient:
         try:
             async with connection.call() as stub:
                 await stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
-        except grpc.aio.AioRpcError:
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel was closed
             return False
         return True
 
@@ -327,8 +327,13 @@ class PeerClient:
         self._mark_down(connection, _rpc_reason(exc))
         # A missed deadline on a connection that looks fine: packets may be vanishing.
         # Unless the peer answers a probe, a new connection replaces it; calls would
-        # otherwise queue behind the dead one.
-        if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not await self.probe(connection):
+        # otherwise queue behind the dead one. One already replaced (by another call
+        # that failed first) may be closed: nothing to check.
+        if (
+            exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            and connection is self._connection
+            and not await self.probe(connection)
+        ):
             await self._replace(connection)
 
     def _decode_event(self, reply: Any) -> Message | bytes | None:
