@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
     from propagation.peers import PeerClient
 
-__all__ = ["MAX_PENDING", "AgentLink", "Freshness", "Relays", "batch_residuals"]
+__all__ = ["MAX_PENDING", "AgentLink", "Freshness", "Relays", "batch_residuals", "batch_result"]
 
 # Samples waiting for a free relay slot.
 MAX_PENDING = 64
@@ -187,7 +187,12 @@ class Relays:
                 await self._supervisor.relay(link, event)
             return
         self._batches = True
-        stored, residual = int(result["stored"]), int(result["residual"])
+        try:
+            stored, residual = batch_result(result, len(batch))
+        except wire.WrongMessage as exc:
+            self._counts["not_stored"] += len(batch)
+            self._log.debug("storage's batch reply: %s", exc)
+            return
         self._counts["stored"] += stored
         self._counts["refused"] += len(batch) - stored
         latest: dict[str, tuple[AgentLink, int, Event]] = {}
@@ -204,6 +209,25 @@ class Relays:
     def figures(self) -> dict[str, Any]:
         """The relays' part of ``/stats``."""
         return {"max_in_flight": self.max_in_flight, "max_batch": self.max_batch, "pending": self._pending.qsize()}
+
+
+def batch_result(result: Struct, items: int) -> tuple[int, int]:
+    """How many of ``items`` storage stored, and the residual after them, from its reply.
+
+    Raises:
+        WrongMessage: the reply does not hold two whole numbers that fit a batch of
+            ``items`` and an ``Int32Value`` residual.
+
+    """
+    numbers = [result[key] if key in result else None for key in ("stored", "residual")]  # noqa: SIM401 (Struct has no get)
+    if not all(isinstance(number, float) and number.is_integer() for number in numbers):
+        msg = f"a batch reply needs whole numbers 'stored' and 'residual', not {numbers}"
+        raise wire.WrongMessage(msg)
+    stored, residual = (int(number) for number in numbers)
+    if not (0 <= stored <= items and residual >= 0 and residual + items < 2**31):
+        msg = f"a batch reply of stored={stored}, residual={residual} does not fit a batch of {items}"
+        raise wire.WrongMessage(msg)
+    return stored, residual
 
 
 def batch_residuals(stored: int, residual: int, items: int) -> list[int]:

@@ -21,7 +21,7 @@ from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
 from propagation.pacing import Pacer
-from propagation.relaying import Freshness, batch_residuals
+from propagation.relaying import Freshness, batch_residuals, batch_result
 from storage import Storage, StorageArgs
 
 HERE = f"{get_host_name()}/monotonic"
@@ -97,6 +97,26 @@ def test_freshness_compares_delays_not_clocks() -> None:
     # The agent restarted on a rebooted host: its clock starts again, and so does the reference.
     assert not freshness.too_old(sample(0.5, 80.0 + offset, 0))
     assert not freshness.too_old(Event())  # no stamps: nothing to judge
+
+
+def test_batch_result_is_checked() -> None:
+    def reply(**fields: Any) -> Struct:
+        result = Struct()
+        result.update(fields)
+        return result
+
+    assert batch_result(reply(stored=3, residual=7), 4) == (3, 7)
+    for bad in (
+        reply(stored=3),
+        reply(stored="3", residual=7),
+        reply(stored=2.5, residual=7),
+        reply(stored=float("nan"), residual=7),
+        reply(stored=5, residual=7),  # more than the batch
+        reply(stored=3, residual=-1),
+        reply(stored=3, residual=2**31),  # no Int32Value
+    ):
+        with pytest.raises(wire.WrongMessage):
+            batch_result(bad, 4)
 
 
 def test_batch_residuals() -> None:
