@@ -274,7 +274,8 @@ class PeerClient:
         while True:
             connection = self._current()
             async with connection.call() as stub:
-                await connection.channel.channel_ready()
+                if not await self._connected(connection):
+                    continue
                 call = stub.subscribe(request)
                 first = True
                 try:
@@ -291,6 +292,15 @@ class PeerClient:
                 finally:
                     call.cancel()
             await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
+
+    async def _connected(self, connection: _Connection) -> bool:
+        """Whether ``connection`` gets ready within ``timeout``; if not, the peer is down."""
+        try:
+            await asyncio.wait_for(connection.channel.channel_ready(), self.timeout)
+        except asyncio.TimeoutError:
+            self._mark_down(connection, "no connection")
+            return False
+        return True
 
     async def _next_reply(self, call: Any, connection: _Connection) -> Any:
         """The stream's next reply; None if it ended or the peer no longer answers.

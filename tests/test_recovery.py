@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Process, Services, stats, write_config
+from helpers import Process, Services, port_of, stats, write_config
 
 README_ORDER = ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2", "agent-3"]
 # Propagation through a restarted service must resume within this long of its return.
@@ -38,6 +38,17 @@ def test_any_start_order(services: Services, tmp_path: Path, order: list[str]) -
     running = services.system(write_config(tmp_path), order)
     assert_propagating(running)
     assert_survived(running)
+
+
+def test_a_supervisor_says_which_agent_is_not_up_yet(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    services.service(config, "storage")
+    supervisor = services.service(config, "supervisor-1")
+    agent_1 = rf"agent-1 is not up yet at localhost:{port_of(config, 'agent-1')}; retrying"
+    supervisor.wait_for(rf"^{agent_1}$")
+    services.service(config, "agent-1")
+    supervisor.wait_for(r"^agent-1 is up at localhost:\d+$")
+    assert supervisor.count(agent_1) == 1
 
 
 def restart(services: Services, config: Path, running: dict[str, Process], name: str) -> Process:
