@@ -37,7 +37,7 @@ from farm_ng.core.uri import make_proto_uri
 from propagation.config import is_loopback
 from propagation.logs import Tally
 from propagation.serving import MAX_MESSAGE_BYTES, grpc_address
-from propagation.wire import PUBLISHED, REPLIES, WrongMessage, decode
+from propagation.wire import PUBLISHED, REPLIES, WrongMessage, decode, shown
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig, SubscribeRequest
@@ -63,6 +63,17 @@ PROBE_TIMEOUT_S = 1.0
 # After a stream ends, before the next one: a peer that closes streams at once is not
 # spun on.
 RESUBSCRIBE_PAUSE_S = 0.1
+# What a server answers when it will not serve a subscription (the path guard's codes),
+# as opposed to being down: tried again only every LIVENESS_S.
+REFUSALS = frozenset(
+    {
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.PERMISSION_DENIED,
+    }
+)
 
 CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # gRPC's reconnect backoff grows to 120 s by default: a peer back after a minute
@@ -288,7 +299,11 @@ class PeerClient:
                         if message is not None:
                             yield reply.event, message
                 except grpc.aio.AioRpcError as exc:
-                    self._mark_down(connection, _rpc_reason(exc))
+                    if exc.code() in REFUSALS:
+                        self._refused_subscription(request, exc)
+                        await asyncio.sleep(LIVENESS_S)  # it may change its mind; not soon
+                    else:
+                        self._mark_down(connection, _rpc_reason(exc))
                 finally:
                     call.cancel()
             await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
@@ -356,6 +371,11 @@ class PeerClient:
         except WrongMessage as exc:
             self._refuse(f"events of {path}", exc)
             return None
+
+    def _refused_subscription(self, request: SubscribeRequest, exc: grpc.aio.AioRpcError) -> None:
+        code = exc.code().name if exc.code() is not None else "refused"
+        self._tally.add(f"{self.config.name}: %d subscription(s) to {shown(request.uri.path)} refused ({code})")
+        self._log.debug("%s: %s", self.config.name, exc.details())
 
     def _refuse(self, what: str, exc: WrongMessage) -> None:
         self.refused += 1

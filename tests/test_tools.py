@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import signal
 import struct
 import sys
 import time
@@ -114,6 +115,17 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
         assert re.fullmatch(r'agent-3/sample \d+ \{"sample": [0-9.e-]+, "task_id": 0\.0\}', line), line
     sequences = [int(line.split()[1]) for line in watch.lines]
     assert sequences == sorted(set(sequences)), sequences
+
+    # A path without its slash: said at once. A path the service does not publish: the
+    # service's refusal, said once, while watch keeps trying.
+    base = ("--service-config", str(config), "--service-name", "agent-3", "--path")
+    no_slash = services.tool("watch", *base, "sample")
+    assert no_slash.wait_exit(STARTUP_TIMEOUT_S) == 1
+    assert no_slash.lines == ["error: --path 'sample' must start with '/' (e.g. /sample), or be '*'"], no_slash.output
+    unknown = services.tool("watch", *base, "/samples")
+    unknown.wait_for(r"^agent-3: 1 subscription\(s\) to '/samples' refused \(NOT_FOUND\)$", STARTUP_TIMEOUT_S)
+    unknown.signal(signal.SIGINT)
+    assert unknown.wait_exit(5) == 0, unknown.output
 
 
 # A storage that fills in a fraction of a second and drains every half second: every

@@ -95,13 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line and prints events; returns the exit code."""
     cli = build_parser().parse_args(argv)
-    # Only events go to stdout: PeerClient's lines about a peer coming and going would
-    # mix with them.
-    logging.disable(logging.WARNING)
+    # Only events on stdout; PeerClient's warnings (a peer gone, a refusal) on stderr, its
+    # lines about a peer coming up not at all.
+    logging.disable(logging.INFO)
 
     def body() -> None:
         entry = find_entry(read_config(cli.service_config), cli.service_name, cli.service_config)
         check_endpoint(entry)
+        if cli.path != "*" and not cli.path.startswith("/"):
+            msg = f"--path {cli.path!r} must start with '/' (e.g. /sample), or be '*'"
+            raise ConfigError(msg)
         if cli.count is not None and cli.count < 1:
             msg = f"--count {cli.count} must be at least 1"
             raise ConfigError(msg)
