@@ -80,8 +80,7 @@ def exit_on_bad_input(description: str, args_type: type[Any]) -> None:
     Called before the heavy imports; from then on Ctrl-C, SIGTERM and SIGHUP end the
     process quietly with code 0 until the service takes them over.
     """
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, _exit_quietly)
+    _quiet_signals()
     quiet_grpc_core()
     try:
         load(description, args_type)
@@ -120,6 +119,9 @@ def run(
         try:
             return asyncio.run(main(spec)) or 0  # type: ignore[arg-type]
         finally:
+            # asyncio.run put back the default handlers: a second SIGTERM while the last
+            # lines are written must not kill the process (-15) either.
+            _quiet_signals()
             output.close()
 
     return run_cli(body)
@@ -143,8 +145,12 @@ def run_cli(body: Callable[[], int | None]) -> int:
     finally:
         # asyncio restores the default handlers on its way out: a Ctrl-C while the
         # interpreter shuts down must not print a traceback either.
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, _exit_quietly)
+        _quiet_signals()
+
+
+def _quiet_signals() -> None:
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _exit_quietly)
 
 
 def report_error(exc: ConfigError) -> int:

@@ -30,6 +30,9 @@ __all__ = ["LogOutput", "Tally", "configure_logging"]
 
 # Lines waiting for the terminal: a few seconds of a service at INFO.
 QUEUE_LINES = 10_000
+# How long the last lines may take on the way out: with the server's 0.5 s grace, a
+# service stops within a second even when its terminal is stalled.
+CLOSE_WAIT_S = 0.4
 # How often a repeating problem is summed up in one line.
 TALLY_INTERVAL_S = 10.0
 # farm-ng-core's EventServiceGrpc warns with this for every event a full subscriber
@@ -67,7 +70,7 @@ class LogOutput:
         return dropped
 
     def close(self) -> None:
-        """Writes what is queued, then stops the thread; waits a second at most.
+        """Writes what is queued, then stops the thread; waits ``CLOSE_WAIT_S`` at most.
 
         ``QueueListener.stop()`` waits for the thread without bound: with a stalled
         terminal that would be forever. It runs in a thread of its own here, and the
@@ -80,7 +83,7 @@ class LogOutput:
 
         stopping = threading.Thread(target=stop, daemon=True)
         stopping.start()
-        stopping.join(1.0)
+        stopping.join(CLOSE_WAIT_S)
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):

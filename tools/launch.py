@@ -238,7 +238,11 @@ class Launcher:
         """Stops the monitor and the services, all at once; returns those that did not exit 0."""
         if self._monitor is not None and self._monitor.returncode is None:
             self._monitor.terminate()
-            await self._monitor.wait()
+            try:
+                await asyncio.wait_for(self._monitor.wait(), STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:  # stuck writing to a stalled terminal, say
+                self._monitor.kill()
+                await self._monitor.wait()
         for launched in reversed(self._running):
             if launched.process.returncode is None:
                 launched.process.terminate()
