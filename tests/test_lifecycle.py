@@ -26,7 +26,9 @@ def test_signal_stops_quietly(services: Services, tmp_path: Path, name: str, sig
     code = process.wait_exit(5)
     elapsed = time.monotonic() - started
     assert code == 0, process.output
-    assert elapsed < 1.0, f"took {elapsed:.2f} s to stop"
+    # The target, under a second, is a figure of tools/bench.py; here, a bound a loaded
+    # 2-core machine keeps, well short of the 5 s after which a launcher kills.
+    assert elapsed < 3.0, f"took {elapsed:.2f} s to stop"
     assert "Traceback" not in process.output
     assert "Error" not in process.output
     with socket.socket() as probe:

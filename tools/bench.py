@@ -139,6 +139,8 @@ class Service:
         # published on a beat of its own, so read at its own stamps.
         self.health: deque[tuple[float, dict[str, Any]]] = deque(maxlen=64)
         self.client = PeerClient(self.config, BENCH_CLIENT)
+        # Seconds from SIGTERM to its exit; None if it did not exit by itself in time.
+        self.stopped_in: float | None = None
         self._output = asyncio.ensure_future(self._read_output())
         self._watchers = [
             asyncio.ensure_future(self._watch_stats()),
@@ -284,9 +286,11 @@ class Service:
         await asyncio.gather(*self._watchers, return_exceptions=True)
         await self.client.close()
         if self.process.returncode is None:
+            asked = time.monotonic()
             self.process.terminate()
             try:
                 await asyncio.wait_for(self.process.wait(), STOP_TIMEOUT_S)
+                self.stopped_in = time.monotonic() - asked
             except asyncio.TimeoutError:
                 # It may exit between the timeout and the kill, on a starved machine.
                 with contextlib.suppress(ProcessLookupError):
@@ -385,10 +389,11 @@ class System:
             if not task.cancelled() and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
 
-    async def stop(self) -> None:
-        """Stops every service at once."""
+    async def stop(self) -> list[Service]:
+        """Stops every service at once; returns them, stopped."""
         services, self.services = list(self.services.values()), {}
         await asyncio.gather(*(service.stop() for service in services))
+        return services
 
 
 def default_entries(in_flight: int) -> list[dict[str, Any]]:
@@ -608,6 +613,8 @@ CEILING = "relay ceiling: best stored/s over the steps"
 CPU_WARNING = f"CPU s per 1000 relayed at {CPU_RATE}/s, WARNING: agent / supervisor / storage"
 CPU_INFO = f"CPU s per 1000 relayed at {CPU_RATE}/s, INFO: agent / supervisor / storage"
 RSS = "RSS MB after the ceiling steps: agent / supervisor / storage"
+ROLES = ("agent", "supervisor", "storage")
+STOP = "stop after SIGTERM, ms, slowest of every step's services: agent / supervisor / storage"
 
 
 def latency_label(what: str) -> str:
@@ -644,6 +651,7 @@ def rows() -> list[Row]:
         Row(CPU_WARNING, "{:.3f} / {:.3f} / {:.3f}"),
         Row(CPU_INFO, "{:.3f} / {:.3f} / {:.3f}"),
         Row(RSS, "{:.0f} / {:.0f} / {:.0f}"),
+        Row(STOP, "{:.0f} / {:.0f} / {:.0f}", per_column=False),
     ]
 
 
@@ -680,7 +688,9 @@ class Runner:
         self.slots = asyncio.Semaphore(jobs)
         self._steps = itertools.count(1)
         self._ports = Ports()
-        self._stopping: list[asyncio.Future[None]] = []
+        self._stopping: list[asyncio.Future[list[Service]]] = []
+        # Each role's stop times after SIGTERM (inf: killed after STOP_TIMEOUT_S).
+        self.stop_times: dict[str, list[float]] = {role: [] for role in ROLES}
         self.figures: dict[str, dict[int, tuple[float, ...]]] = {row.label: {} for row in rows()}
 
     async def step(
@@ -721,6 +731,11 @@ class Runner:
             for stop in stopping:
                 if not stop.cancelled() and stop.exception() is not None:
                     raise stop.exception()  # type: ignore[misc]
+            for stop in stopping:
+                for service in stop.result() if not stop.cancelled() else []:
+                    role = service.name.split("-", 1)[0]
+                    took = service.stopped_in if service.stopped_in is not None else math.inf
+                    self.stop_times.setdefault(role, []).append(took)
 
 
 async def latency_step(runner: Runner, in_flight: int, agent_3_rate: float | None) -> None:
@@ -862,6 +877,7 @@ async def run_once(
     for in_flight in IN_FLIGHT:
         stored = [figures[ceiling_step_label(rate)][in_flight][1] for rate in CEILING_RATES]
         figures[CEILING][in_flight] = (max(stored),)
+    figures[STOP][IN_FLIGHT[0]] = tuple(1000 * max(runner.stop_times[role], default=math.nan) for role in ROLES)
     return figures
 
 
