@@ -163,6 +163,7 @@ def test_many_subscribers_are_bounded_and_the_agent_keeps_its_rate(services: Ser
     config = write_config(tmp_path, {"agent-3": {"log_level": "WARNING"}})
     agent = services.service(config, "agent-3", wait=False)
     first = stats(config, "agent-3")
+    first_read = time.monotonic()
     port = port_of(config, "agent-3")
 
     async def crowd() -> dict[str, int]:
@@ -188,7 +189,7 @@ def test_many_subscribers_are_bounded_and_the_agent_keeps_its_rate(services: Ser
 
     assert asyncio.run(crowd()) == {"OK": 32, "RESOURCE_EXHAUSTED": 68}
     last = stats(config, "agent-3")
-    rate = (last["published"] - first["published"]) / 6
+    rate = (last["published"] - first["published"]) / (time.monotonic() - first_read)
     assert rate > 0.5 * 100, (first, last)  # agent-3 publishes 100 a second
     assert last["refused_subscriptions"] == 68
     assert agent.count("dropped") <= 2, agent.output  # farm-ng-core's warning per event, tallied
@@ -313,6 +314,7 @@ def test_closed_stdout_and_broken_pipe_stop_nothing(tmp_path: Path) -> None:
                 process.wait(5)
 
 
+@pytest.mark.xdist_group("cpu")  # seven processes for 30 s: not beside the other busy tests
 def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
     # `python -m tools.launch | less`, then nobody reads for 30 s: writes to a full pipe
     # must not block any service's event loop, nor the launcher's.
@@ -323,7 +325,8 @@ def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
     output = b""
     try:
         deadline = time.monotonic() + 60
-        while stats(config, "agent-3")["residuals"] == 0:  # all six serve and propagate
+        # All six serve (the launcher starts them one by one) and propagate.
+        while stats(config, "agent-3", timeout=max(1.0, deadline - time.monotonic()))["residuals"] == 0:
             assert time.monotonic() < deadline, "no propagation within 60 s"
         stalled_since = time.monotonic()
         time.sleep(20)  # readiness-free: the stall itself; the pipe (64 kB) fills within seconds
