@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from fakes import PlainAgent, PlainStorage, plain_supervisor
-from helpers import Services, write_config
+from helpers import Process, Services, write_config
 
 
 def test_our_agent_and_storage_with_a_plain_supervisor(services: Services, tmp_path: Path) -> None:
@@ -33,7 +33,7 @@ def test_our_supervisor_with_a_plain_agent_and_storage(services: Services, tmp_p
     config = write_config(tmp_path)
     values = [0.9, 0.1, 0.8, 0.7, 0.2]
 
-    async def scenario() -> tuple[int, list[int]]:
+    async def scenario() -> tuple[Process, int, list[int]]:
         async with PlainStorage(config, "storage", max_storage=500) as storage, PlainAgent(config, "agent-3") as agent:
             # Started inside: it must find storage and the agent, which have no /residual.
             supervisor = services.service(config, "supervisor-2")
@@ -42,9 +42,10 @@ def test_our_supervisor_with_a_plain_agent_and_storage(services: Services, tmp_p
                 if len(agent.residuals) >= 3:
                     break
                 await asyncio.sleep(0.1)  # readiness-free: polls what the agent heard, 100 times at most
-            supervisor.wait_for(r"^Residual: value: 497$")
-            return storage.count, [residual.value for _, residual in agent.residuals]
+            assert len(agent.residuals) >= 3, supervisor.output
+            return supervisor, storage.count, [residual.value for _, residual in agent.residuals]
 
-    stored, residuals = asyncio.run(scenario())
+    supervisor, stored, residuals = asyncio.run(scenario())
+    supervisor.wait_for(r"^Residual: value: 497$")
     assert stored == 3
     assert sorted(residuals, reverse=True) == [499, 498, 497]
