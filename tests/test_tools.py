@@ -13,8 +13,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import select
 import signal
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -126,6 +128,22 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
     unknown.wait_for(r"^agent-3: 1 subscription\(s\) to '/samples' refused \(NOT_FOUND\)$", STARTUP_TIMEOUT_S)
     unknown.signal(signal.SIGINT)
     assert unknown.wait_exit(5) == 0, unknown.output
+
+    # `| head -1`: the reader goes after one line; watch ends quietly.
+    argv = [sys.executable, "-m", "tools.watch", *base, "/sample"]
+    headed = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert headed.stdout is not None and headed.stderr is not None
+        ready, _, _ = select.select([headed.stdout], [], [], STARTUP_TIMEOUT_S)
+        assert ready, "watch printed nothing"
+        assert headed.stdout.readline().startswith(b"agent-3/sample ")
+        headed.stdout.close()
+        assert headed.wait(STARTUP_TIMEOUT_S) == 0
+        assert headed.stderr.read() == b""
+    finally:
+        if headed.poll() is None:
+            headed.kill()
+            headed.wait(5)
 
 
 # A storage that fills in a fraction of a second and drains every half second: every

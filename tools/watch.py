@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from typing import TYPE_CHECKING
@@ -72,12 +73,23 @@ async def print_events(config: EventServiceConfig, path: str, count: int | None)
     printed = 0
     try:
         async for event, message in client.subscribe(request, decode=True):
-            print(describe(config.name, event, message), flush=True)
+            try:
+                print(describe(config.name, event, message), flush=True)
+            except BrokenPipeError:  # `| head` read what it wanted
+                quiet_stdout()
+                return
             printed += 1
             if count is not None and printed >= count:
                 return
     finally:
         await client.close()
+
+
+def quiet_stdout() -> None:
+    """Points stdout at /dev/null: Python's last flush on the way out must not fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
