@@ -58,9 +58,9 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 HOST = re.compile(r"[A-Za-z0-9_.:%-]+")
 LOG_LEVELS = {"NOTSET": 0, "DEBUG": 10, "INFO": 20, "WARNING": 30, "WARN": 30, "ERROR": 40, "CRITICAL": 50, "FATAL": 50}
 
-ENTRY_FIELDS = {"name", "port", "host", "subscriptions", "uris", "args", "log_level", "logLevel"}
-SUBSCRIPTION_FIELDS = {"uri", "every_n", "everyN"}
-URI_FIELDS = {"scheme", "authority", "path", "query"}
+ENTRY_FIELDS = frozenset({"name", "port", "host", "subscriptions", "uris", "args", "log_level", "logLevel"})
+SUBSCRIPTION_FIELDS = frozenset({"uri", "every_n", "everyN"})
+URI_FIELDS = frozenset({"scheme", "authority", "path", "query"})
 
 
 class ConfigError(Exception):

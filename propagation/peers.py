@@ -75,7 +75,7 @@ REFUSALS = frozenset(
     }
 )
 
-CHANNEL_OPTIONS: list[tuple[str, Any]] = [
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     # gRPC's reconnect backoff grows to 120 s by default: a peer back after a minute
     # would go unnoticed for tens of seconds. Capped at 1 s, one connection attempt a
     # second while it is down. The "min" backoff is in fact the connect timeout (20 s by
@@ -89,7 +89,7 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
     # A new channel after a dead connection must make a new connection: by default
     # channels to one address share them.
     ("grpc.use_local_subchannel_pool", 1),
-]
+)
 
 
 # For a stream that must stay fresh (a supervisor reading an agent's samples): the
@@ -97,10 +97,10 @@ CHANNEL_OPTIONS: list[tuple[str, Any]] = [
 # (a window that grows to 4 MB) a thin link fills with seconds of samples that are stale
 # by the time they arrive; with this the sender's queue fills instead and drops what does
 # not fit (counted in its /health). Honoured from grpcio 1.74 on.
-FRESH_STREAM_OPTIONS: list[tuple[str, Any]] = [
+FRESH_STREAM_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.bdp_probe", 0),
     ("grpc.http2.lookahead_bytes", 1024),
-]
+)
 
 
 def fresh_stream_options(config: EventServiceConfig) -> list[tuple[str, Any]]:
@@ -171,7 +171,7 @@ class PeerClient:
         self.timeout = timeout
         self._log = logging.getLogger(owner)
         self._tally = Tally(self._log)
-        self._options = CHANNEL_OPTIONS + list(channel_options)
+        self._options = [*CHANNEL_OPTIONS, *channel_options]
         self._connection: _Connection | None = None
         self._sequences: dict[str, int] = {}
         self._reachable: bool | None = None  # None until the first call tells
