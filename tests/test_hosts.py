@@ -272,6 +272,8 @@ def test_restart_behind_a_partition(system: System) -> None:
     system.survived()
 
 
+# Timing-sensitive (gaps under 5 s): never beside the busy tests, the benchmark's above all.
+@pytest.mark.xdist_group("cpu")
 @pytest.mark.skipif(
     tuple(int(part) for part in grpc.__version__.split(".")[:2]) < (1, 74),
     reason=f"grpcio {grpc.__version__} (the last for Python 3.8 is 1.70) ignores grpc.http2.lookahead_bytes",
