@@ -139,10 +139,11 @@ def test_store_arithmetic() -> None:
     assert (counts["accepted"], counts["refused"]) == (5, 4)
 
 
-def pace(pacer: Pacer, pauses: list[tuple[float, float]], run_s: float) -> list[tuple[int, float]]:
-    """(task, when) of each publish of ``pacer``'s tasks, the room closed ``(after, for)`` each pause."""
+def pace(rate: float, num_tasks: int, pauses: list[tuple[float, float]], run_s: float) -> list[tuple[int, float]]:
+    """(task, when) of each publish of a ``Pacer``'s tasks, the room closed ``(after, for)`` each pause."""
 
     async def scenario() -> list[tuple[int, float]]:
+        pacer = Pacer(rate, num_tasks)  # in the loop: before 3.10 an asyncio.Event binds to one
         published: list[tuple[int, float]] = []
         loop = asyncio.get_running_loop()
 
@@ -171,11 +172,11 @@ def test_tasks_keep_their_turns_after_pauses() -> None:
     # others sleep through it. Each must keep its own slot on the shared grid: task i
     # at i/4 of each 100 ms period. A task that restarted its schedule when a pause
     # ended would publish 10 to 50 ms off its slot from then on.
-    pacer = Pacer(rate=10, num_tasks=4)
-    published = pace(pacer, [(0.31, 0.035), (0.52, 0.04), (0.83, 0.03)], run_s=1.6)
-    period = pacer.period
-    for task_id in range(pacer.num_tasks):
-        slot = task_id * period / pacer.num_tasks
+    rate, num_tasks = 10, 4
+    published = pace(rate, num_tasks, [(0.31, 0.035), (0.52, 0.04), (0.83, 0.03)], run_s=1.6)
+    period = 1 / rate
+    for task_id in range(num_tasks):
+        slot = task_id * period / num_tasks
         # How late each publish after the pauses was for its slot. A busy machine makes
         # some late, but the median stays within half a turn (12.5 ms).
         moments = [moment for who, moment in published if who == task_id and moment > 1.0]
