@@ -249,14 +249,9 @@ class Service:
         def found() -> bool:
             return self.latest is not None and wanted(self.latest)
 
-        async with self._new_stats:
-            try:
-                await asyncio.wait_for(self._new_stats.wait_for(found), STATS_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                msg = f"{self.name} published no /stats with {what} within {STATS_TIMEOUT_S:g} s:\n{self.output_tail()}"
-                raise BenchError(msg) from None
-            assert self.latest is not None
-            return self.latest
+        await self._until(found, f"/stats with {what}")
+        assert self.latest is not None
+        return self.latest
 
     async def health_until(self, moment: float) -> None:
         """Waits for the ``/health`` of the beat of ``moment``, or a later one.
@@ -272,11 +267,15 @@ class Service:
         def came() -> bool:
             return bool(self.health) and self.health[-1][0] >= moment - HEALTH_SLACK_S
 
+        await self._until(came, "/health")
+
+    async def _until(self, condition: Callable[[], bool], what: str) -> None:
+        """Waits until ``condition()`` holds after a new /stats or /health; ``what`` names it."""
         async with self._new_stats:
             try:
-                await asyncio.wait_for(self._new_stats.wait_for(came), STATS_TIMEOUT_S)
+                await asyncio.wait_for(self._new_stats.wait_for(condition), STATS_TIMEOUT_S)
             except asyncio.TimeoutError:
-                msg = f"{self.name} published no /health within {STATS_TIMEOUT_S:g} s:\n{self.output_tail()}"
+                msg = f"{self.name} published no {what} within {STATS_TIMEOUT_S:g} s:\n{self.output_tail()}"
                 raise BenchError(msg) from None
 
     async def stop(self) -> None:
