@@ -209,7 +209,7 @@ class HostileAgent(EventServiceServicer):
             else:
                 uri = make_proto_uri("/sample", malformed, service_name="agent-3")
                 yield SubscribeReply(event=Event(uri=uri, sequence=sequence), payload=malformed.SerializeToString())
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # readiness-free: the fake agent publishes at 100 Hz
 
     async def requestReply(self, request: Any, context: Any) -> RequestReplyReply:
         return RequestReplyReply()
