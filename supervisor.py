@@ -73,7 +73,7 @@ class Supervisor:
 
     async def watch_agent(self, link: AgentLink) -> None:
         """Reads one agent's ``/sample`` and relays each sample above confidence."""
-        freshness = Freshness()
+        freshness = Freshness(link.agent.config.host)
         async for event, sample in link.agent.subscribe(link.subscription, decode=True):
             self.counts["received"] += 1
             link.heard_from()

@@ -22,6 +22,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
+from propagation.config import is_loopback
 from propagation.peers import PeerUnavailable
 
 if TYPE_CHECKING:
@@ -92,13 +93,21 @@ class Freshness:
     MAX_AGE_S = 0.6
     WINDOW_S = 60.0
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "") -> None:
+        """Judges the samples of an agent on ``host``.
+
+        One on loopback is never too old: no link there holds samples back, and a stall
+        of this machine's processes is not what the bound is for.
+        """
+        self._applies = not is_loopback(host) if host else True
         # (arrival, delay) pairs whose delays increase: a sliding-window minimum.
         self._minima: deque[tuple[float, float]] = deque()
         self._sequence = -1
 
     def too_old(self, event: Event) -> bool:
         """Whether ``event`` waited more than ``MAX_AGE_S`` longer than the best recent sample."""
+        if not self._applies:
+            return False
         sent = _monotonic_stamp(event, StampSemantics.SERVICE_SEND)
         received = _monotonic_stamp(event, StampSemantics.CLIENT_RECEIVE)
         if sent is None or received is None:
