@@ -272,8 +272,10 @@ def test_restart_behind_a_partition(system: System) -> None:
     system.survived()
 
 
-# Timing-sensitive (gaps under 5 s): never beside the busy tests, the benchmark's above all.
-@pytest.mark.xdist_group("cpu")
+# Its bounds (p99 under 1 s, gaps under 5 s) are timing targets: in the full suite, beside
+# other tests on two cores, it failed twice in four runs. It runs with the long cases
+# (.ci/run: ./test.sh -m long), away from the rest of the suite.
+@pytest.mark.long
 @pytest.mark.skipif(
     tuple(int(part) for part in grpc.__version__.split(".")[:2]) < (1, 74),
     reason=f"grpcio {grpc.__version__} (the last for Python 3.8 is 1.70) ignores grpc.http2.lookahead_bytes",
