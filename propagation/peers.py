@@ -284,6 +284,7 @@ class PeerClient:
         """
         while True:
             connection = self._current()
+            pause = RESUBSCRIBE_PAUSE_S
             async with connection.call() as stub:
                 if not await self._connected(connection):
                     continue
@@ -301,12 +302,13 @@ class PeerClient:
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() in REFUSALS:
                         self._refused_subscription(request, exc)
-                        await asyncio.sleep(LIVENESS_S)  # it may change its mind; not soon
+                        pause = LIVENESS_S  # it may change its mind; not soon
                     else:
                         self._mark_down(connection, _rpc_reason(exc))
                 finally:
                     call.cancel()
-            await asyncio.sleep(RESUBSCRIBE_PAUSE_S)
+            # Outside the call: a connection retired meanwhile closes without waiting for it.
+            await asyncio.sleep(pause)
 
     async def _connected(self, connection: _Connection) -> bool:
         """Whether ``connection`` gets ready within ``timeout``; if not, the peer is down."""
