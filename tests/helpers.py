@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -16,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 # This process talks gRPC and forks the services: gRPC's fork handlers, with its
 # threads busy, can abort a process ("Check failed" in thd.h). The children exec at
@@ -39,18 +40,52 @@ ROOT = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 15.0
 
 
-def free_ports(count: int) -> list[int]:
-    """``count`` different TCP ports that nothing listens on at this moment.
+def ports_of_this_worker() -> range:
+    """This test worker's share of the ports the OS never hands out by itself.
 
-    The probes stay bound until all are chosen, so the OS cannot offer one twice.
+    A port from ``bind(0)`` lies in the ephemeral range, where every outgoing connection
+    on the machine takes its local port too, and where another worker may be offered
+    the same port before our service binds it. Below that range, each worker has a
+    share of its own, and only the services we start bind there.
     """
-    probes = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
     try:
-        for probe in probes:
-            probe.bind(("127.0.0.1", 0))
-        return [probe.getsockname()[1] for probe in probes]
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):  # not Linux: IANA's dynamic range, as macOS uses
+        low, high = 49152, 65535
+    unpicked = range(20000, low) if low - 20000 >= 4000 else range(high + 1, 65536)
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[len("gw") :])
+    share = len(unpicked) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    return unpicked[worker * share : (worker + 1) * share]
+
+
+def free_ports(count: int, taken: Iterable[int] = ()) -> list[int]:
+    """``count`` different ports of this worker that nothing listens on at this moment.
+
+    ``taken`` names ports handed out already whose services may not have bound yet.
+    The probes stay bound until all are chosen, so no port is given twice.
+    """
+    share = ports_of_this_worker()
+    taken = set(taken)
+    start = random.randrange(len(share))
+    chosen: list[socket.socket] = []
+    try:
+        for port in (share[(start + step) % len(share)] for step in range(len(share))):
+            if len(chosen) == count:
+                break
+            if port in taken:
+                continue
+            probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                probe.close()
+                continue
+            chosen.append(probe)
+        if len(chosen) < count:
+            pytest.fail(f"only {len(chosen)} of {count} ports free in {share}")
+        return [probe.getsockname()[1] for probe in chosen]
     finally:
-        for probe in probes:
+        for probe in chosen:
             probe.close()
 
 

@@ -63,7 +63,7 @@ def record_config_for(config: Path, directory: Path) -> Path:
     entries = json.loads(RECORD_CONFIG.read_text())["configs"]
     for entry in entries:
         if entry["name"] == "recorder":
-            entry.update(port=free_ports(1)[0], args=[f"--data-dir={directory}"])
+            entry.update(port=free_ports(1, taken=ports.values())[0], args=[f"--data-dir={directory}"])
         elif entry["name"] in ports:
             entry["port"] = ports[entry["name"]]
     path = directory / "record_config.json"
