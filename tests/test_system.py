@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
-from helpers import Services, stats, write_config
+from helpers import WAIT_TIMEOUT_S, Services, stats, write_config
 
 
 def test_walkthrough_propagates(services: Services, tmp_path: Path) -> None:
@@ -98,6 +98,17 @@ def test_launcher_reports_a_service_that_dies(services: Services, tmp_path: Path
     os.kill(pid, signal.SIGKILL)
     assert launcher.wait_exit(15) == 1, launcher.output
     launcher.wait_for(r"^\[launch\] agent-2 was killed by SIGKILL; stopping the others$")
+
+
+def test_launcher_exits_1_when_a_service_does_not_stop(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path, {name: None for name in ("supervisor-1", "supervisor-2", "agent-1", "agent-2")})
+    launcher = services.tool("launch", "--service-config", str(config), label="launch")
+    launcher.wait_for(r"^\[launch\] all 2 services are serving", timeout=60)
+    pid = int(launcher.wait_for(r"^\[launch\] starting agent-3 \(pid (\d+)\)").group(1))
+    os.kill(pid, signal.SIGSTOP)  # deaf to SIGTERM until killed
+    launcher.signal(signal.SIGINT)
+    assert launcher.wait_exit(WAIT_TIMEOUT_S) == 1, launcher.output
+    launcher.wait_for(r"^\[launch\] not stopped cleanly: agent-3 was killed by SIGKILL$")
 
 
 def test_launcher_fails_when_a_service_cannot_start(services: Services, tmp_path: Path) -> None:

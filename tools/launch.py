@@ -5,7 +5,9 @@
 Storage starts first, then the supervisors, then the agents; each must be serving
 before the next starts. Every line a service prints comes out prefixed with its name
 (``[storage] Storage: 37/500 (463 remaining)``). Ctrl-C or SIGTERM stops them all; if
-one dies, the launcher says which and how, stops the rest and exits non-zero.
+one dies, the launcher says which and how, stops the rest and exits non-zero; so it
+does if one does not stop cleanly (the exit code says so even when a stalled terminal
+swallowed the line).
 
 Output goes through a bounded queue to a writer thread: if the terminal stalls (``| less``,
 Ctrl-S), lines are dropped and counted, and the launcher keeps reading every service's
@@ -128,10 +130,11 @@ class Launcher:
             loop.add_signal_handler(signum, stop.set)
         stopping = asyncio.ensure_future(stop.wait())
         try:
-            return await self.run_plan(plan, stopping)
+            code = await self.run_plan(plan, stopping)
         finally:
             stopping.cancel()
-            await self.shut_down()
+            stopped_cleanly = await self.shut_down()
+        return code or (0 if stopped_cleanly else 1)
 
     def plan(self) -> list[tuple[Entry, str]]:
         """The entries to start, in order, each with its script.
@@ -171,8 +174,13 @@ class Launcher:
             return monitor.result()
         return 0
 
-    async def shut_down(self) -> None:
-        """Stops everything started and says how that went (on the terminal too, after the monitor)."""
+    async def shut_down(self) -> bool:
+        """Stops everything started and says how that went (on the terminal too, after the monitor).
+
+        Returns:
+            Whether every service exited with code 0.
+
+        """
         had_monitor = self._monitor is not None
         failed = await self.stop_all()
         self._monitor = None
@@ -182,6 +190,7 @@ class Launcher:
             self.say(f"not stopped cleanly: {', '.join(failed)}")
         elif self._running:
             self.say(f"stopped all {len(self._running)} services")
+        return not failed
 
     async def start(self, entry: Entry, script: str, stopping: asyncio.Future[bool]) -> bool:
         """Starts one service and waits until it serves; False if it died or timed out."""
