@@ -37,7 +37,11 @@ from propagation.peers import PeerClient
 
 ROOT = Path(__file__).resolve().parent.parent
 
-STARTUP_TIMEOUT_S = 15.0
+# Bounds that only a hang reaches, sized for a loaded 2-core machine: at load 8 a
+# service once took over 15 s to print that it serves (0.6 s on a quiet one). A passing
+# test never waits them out.
+STARTUP_TIMEOUT_S = 60.0
+WAIT_TIMEOUT_S = 30.0
 
 
 def ports_of_this_worker() -> range:
@@ -168,7 +172,7 @@ class Process:
         with self._changed:
             return [m for m in (regex.search(line) for line in self.lines[start:]) if m]
 
-    def wait_for(self, pattern: str, timeout: float = 10.0, start: int = 0, count: int = 1) -> re.Match[str]:
+    def wait_for(self, pattern: str, timeout: float = WAIT_TIMEOUT_S, start: int = 0, count: int = 1) -> re.Match[str]:
         """Waits until ``count`` lines from index ``start`` on match; returns the last.
 
         Fails at once, with the output, if the process exits first.

@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, Services, port_of, write_config
+from helpers import ROOT, WAIT_TIMEOUT_S, Services, port_of, write_config
 
 
 def fails_with(services: Services, script: str, config: Path | str, name: str, *expected: str) -> str:
     """Runs a script that must refuse its input; returns the one line it printed."""
     process = services.run(script, "--service-config", str(config), "--service-name", name)
-    code = process.wait_exit(10)
+    code = process.wait_exit(WAIT_TIMEOUT_S)
     lines = [line for line in process.lines if line.strip()]
     assert code != 0, process.output
     assert len(lines) == 1, process.output
@@ -137,7 +137,7 @@ def test_supervisor_without_storage(services: Services, tmp_path: Path) -> None:
 
 def test_missing_flag(services: Services) -> None:
     process = services.run("agent.py", "--service-config", "service_config.json")
-    assert process.wait_exit(10) == 2
+    assert process.wait_exit(WAIT_TIMEOUT_S) == 2
     assert "--service-name" in process.output
     assert "Traceback" not in process.output
 

@@ -6,7 +6,7 @@ import asyncio
 from pathlib import Path
 
 from fakes import PlainAgent, PlainStorage, plain_supervisor
-from helpers import Process, Services, write_config
+from helpers import WAIT_TIMEOUT_S, Process, Services, write_config
 
 
 def test_our_agent_and_storage_with_a_plain_supervisor(services: Services, tmp_path: Path) -> None:
@@ -16,7 +16,9 @@ def test_our_agent_and_storage_with_a_plain_supervisor(services: Services, tmp_p
 
     async def supervise() -> None:
         supervisor = asyncio.ensure_future(plain_supervisor(config, "supervisor-2", confidence=0.5))
-        heard = asyncio.get_running_loop().run_in_executor(None, agent.wait_for, r"^Remainder: \d+$", 10.0, 0, 10)
+        heard = asyncio.get_running_loop().run_in_executor(
+            None, agent.wait_for, r"^Remainder: \d+$", WAIT_TIMEOUT_S, 0, 10
+        )
         try:
             done, _ = await asyncio.wait([supervisor, heard], return_when=asyncio.FIRST_COMPLETED)
             assert supervisor not in done, supervisor.exception()
@@ -37,11 +39,11 @@ def test_our_supervisor_with_a_plain_agent_and_storage(services: Services, tmp_p
         async with PlainStorage(config, "storage", max_storage=500) as storage, PlainAgent(config, "agent-3") as agent:
             # Started inside: it must find storage and the agent, which have no /residual.
             supervisor = services.service(config, "supervisor-2")
-            await asyncio.wait_for(agent.publish(values), 10)
-            for _ in range(100):
+            await asyncio.wait_for(agent.publish(values), WAIT_TIMEOUT_S)
+            for _ in range(int(WAIT_TIMEOUT_S / 0.1)):
                 if len(agent.residuals) >= 3:
                     break
-                await asyncio.sleep(0.1)  # readiness-free: polls what the agent heard, 100 times at most
+                await asyncio.sleep(0.1)  # readiness-free: polls what the agent heard, bounded by WAIT_TIMEOUT_S
             assert len(agent.residuals) >= 3, supervisor.output
             return supervisor, storage.count, [residual.value for _, residual in agent.residuals]
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, write_config
+from helpers import ROOT, STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Process, Services, write_config
 
 from tools import monitor
 
@@ -27,7 +27,7 @@ MAX_STORAGE = 500
 # A generous bound on the propagation latency: it is a few ms on a quiet machine.
 MAX_LATENCY_MS = 1000.0
 # --once takes up to about 4 s; more allows for a busy machine.
-ONCE_EXIT_S = 15.0
+ONCE_EXIT_S = WAIT_TIMEOUT_S
 
 
 LEGEND = "x/s: over the last 3 s; counts: since the service started, (n/min) over the last minute watched"
@@ -126,7 +126,7 @@ def start_together(services: Services, config: Path, names: list[str]) -> dict[s
 def wait_row(monitor: Process, name: str, state: str) -> None:
     """Waits for the live monitor to print a row of ``name`` in ``state`` (a pattern) from now on."""
     figures = r"\s+\S+ Hz x \d+\s+\d" if state == "up" and name.startswith("agent") else ""
-    monitor.wait_for(rf"^{re.escape(name)}\s+{state}{figures}", timeout=10, start=len(monitor.lines))
+    monitor.wait_for(rf"^{re.escape(name)}\s+{state}{figures}", timeout=WAIT_TIMEOUT_S, start=len(monitor.lines))
 
 
 # Many processes busy at once: never beside another such test (xdist group).
@@ -136,7 +136,7 @@ def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_pat
     # Started first: the services come up while it watches. Its stdout is a pipe, so it
     # prints a plain snapshot every second.
     live = services.tool("monitor", "--service-config", str(config), label="monitor")
-    live.wait_for(r"^storage\s+down, never seen$", timeout=10)
+    live.wait_for(r"^storage\s+down, never seen$", timeout=WAIT_TIMEOUT_S)
     assert LEGEND in live.lines, live.output
     # Supervisors last: they reach their agents at once, so that the rates they show
     # do not include a second of reconnecting to an agent that was not up yet.
@@ -180,7 +180,7 @@ def test_counts_show_the_last_minute_beside_the_total(tmp_path: Path) -> None:
 
 def test_monitor_reports_a_bad_config(services: Services, tmp_path: Path) -> None:
     monitor = services.tool("monitor", "--service-config", str(tmp_path / "missing.json"), "--once")
-    assert monitor.wait_exit(10) == 1
+    assert monitor.wait_exit(WAIT_TIMEOUT_S) == 1
     assert monitor.lines == [f"error: config file {tmp_path / 'missing.json'} does not exist"]
 
 
@@ -257,8 +257,8 @@ def test_live_view_in_a_terminal_quits_on_q_and_restores_the_terminal(services: 
         "monitor (terminal)", [sys.executable, "-m", "tools.monitor", "--service-config", str(config)]
     )
     services.started.append(monitor)  # type: ignore[arg-type]
-    monitor.wait_for_text("q or Ctrl-C quits", timeout=15)
-    monitor.wait_for_text("down, never seen", timeout=5)
+    monitor.wait_for_text("q or Ctrl-C quits", timeout=STARTUP_TIMEOUT_S)
+    monitor.wait_for_text("down, never seen", timeout=WAIT_TIMEOUT_S)
     # Keys come one at a time, unechoed: no Enter needed.
     assert not termios.tcgetattr(monitor.terminal)[3] & (termios.ICANON | termios.ECHO)
     monitor.type(b"q")
