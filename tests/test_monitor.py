@@ -67,7 +67,12 @@ def configured_rate(cell: str) -> float:
 
 
 def assert_near(value: str, expected: float, what: str) -> None:
-    assert abs(float(value) - expected) <= 0.2 * expected, f"{what}: {value}/s, configured {expected}/s"
+    """A rate the monitor shows is plausible for the rate configured.
+
+    How closely agents keep their rate is a figure of tools/bench.py; here the bounds
+    are those of a loaded 2-core machine, where an agent skips the slots it missed.
+    """
+    assert 0.5 * expected <= float(value) <= 1.2 * expected, f"{what}: {value}/s, configured {expected}/s"
 
 
 def assert_agent_row(name: str, cells: list[str]) -> float:
