@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -50,6 +48,7 @@ from helpers import (
 )
 
 from propagation import wire
+from propagation.config import check_port_free, read_config
 from propagation.wire import RESIDUAL_TIME
 
 INT32 = "type=google.protobuf.Int32Value&pb=google/protobuf/wrappers.proto"
@@ -368,9 +367,8 @@ def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
     # Its own last lines may stay behind the stall's backlog (its writer gets 0.4 s at exit):
     # its exit code says whether every service exited 0, and their ports that they are gone.
     assert launcher.returncode == 0, output[-3000:]
-    for entry in json.loads(config.read_text())["configs"]:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", entry["port"]))  # raises if a service still holds it
+    for entry in read_config(str(config)):
+        check_port_free(entry.host, entry.port)  # the check a service makes before it serves
 
 
 @pytest.mark.skipif(
