@@ -33,6 +33,7 @@ def cells(output: str, label: str) -> list[str]:
 
 
 # Many processes busy at once: never beside another such test (xdist group).
+@pytest.mark.slow
 @pytest.mark.xdist_group("cpu")
 def test_bench_prints_every_row(services: Services) -> None:
     process = services.tool("bench", *SMOKE_ARGS)

@@ -326,6 +326,7 @@ def test_closed_stdout_and_broken_pipe_stop_nothing(tmp_path: Path) -> None:
                 process.wait(5)
 
 
+@pytest.mark.slow
 def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
     # `python -m tools.launch | less`, then nobody reads for 30 s: writes to a full pipe
     # must not block any service's event loop, nor the launcher's.

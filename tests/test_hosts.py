@@ -239,10 +239,12 @@ def outage(system: System, host: int, seconds: float, peers: dict[str, tuple[str
     print(f"partition of host {host}: noticed after {noticed:.1f} s, propagating again {resumed:.1f} s after the heal")
 
 
+@pytest.mark.slow
 def test_partition_of_the_agents_host(system: System) -> None:
     outage(system, 2, 30, {"supervisor-1": ("agent-1", "agent-2"), "supervisor-2": ("agent-3",)})
 
 
+@pytest.mark.slow
 def test_partition_of_storages_host(system: System) -> None:
     outage(system, 0, 30, {"supervisor-1": ("storage",), "supervisor-2": ("storage",)})
 

@@ -117,6 +117,7 @@ def test_ctrl_c_of_an_agent_while_relaying(services: Services, tmp_path: Path) -
     assert_survived({"storage": running["storage"], "supervisor-2": running["supervisor-2"]})
 
 
+@pytest.mark.slow
 def test_peers_back_after_a_minute(services: Services, tmp_path: Path) -> None:
     # gRPC's reconnect backoff grows to tens of seconds by default: a peer that returns
     # after a minute would go unnoticed for that long.
