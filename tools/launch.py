@@ -29,7 +29,9 @@ from propagation.config import ROLES, ConfigError, Entry, read_config, role_of
 from propagation.logs import LogOutput
 
 ROOT = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 15.0
+# A service needs about 0.6 s to serve on a quiet machine; a busy or small one (load 16
+# on 2 cores took over 15 s) needs more. One that dies is reported at once anyway.
+READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 5.0
 
 
