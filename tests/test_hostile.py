@@ -360,7 +360,7 @@ def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
         launcher.send_signal(signal.SIGINT)
         try:
             os.set_blocking(launcher.stdout.fileno(), True)  # type: ignore[union-attr]
-            output += launcher.communicate(timeout=20)[0]
+            output += launcher.communicate(timeout=WAIT_TIMEOUT_S)[0]
         finally:
             if launcher.poll() is None:
                 launcher.kill()

@@ -67,12 +67,14 @@ def configured_rate(cell: str) -> float:
 
 
 def assert_near(value: str, expected: float, what: str) -> None:
-    """A rate the monitor shows is plausible for the rate configured.
+    """A rate the monitor shows is of the order of the rate configured.
 
-    How closely agents keep their rate is a figure of tools/bench.py; here the bounds
-    are those of a loaded 2-core machine, where an agent skips the slots it missed.
+    How closely agents keep their rate is a figure of tools/bench.py, and the monitor's
+    arithmetic has a test of its own. On a loaded machine an agent skips the slots it
+    missed, and a supervisor that fell behind receives a backlog at once (134/s of a
+    100/s agent was seen at load 16): the bounds catch a wrong unit, not a slow machine.
     """
-    assert 0.5 * expected <= float(value) <= 1.2 * expected, f"{what}: {value}/s, configured {expected}/s"
+    assert expected / 4 <= float(value) <= 4 * expected, f"{what}: {value}/s, configured {expected}/s"
 
 
 def assert_agent_row(name: str, cells: list[str]) -> float:
