@@ -326,6 +326,10 @@ def test_closed_stdout_and_broken_pipe_stop_nothing(tmp_path: Path) -> None:
                 process.wait(5)
 
 
+# What a pipe holds on Linux.
+PIPE_BYTES = 65536
+
+
 @pytest.mark.slow
 def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
     # `python -m tools.launch | less`, then nobody reads for 30 s: writes to a full pipe
@@ -341,21 +345,25 @@ def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
         while stats(config, "agent-3", timeout=max(1.0, deadline - time.monotonic()))["residuals"] == 0:
             assert time.monotonic() < deadline, "no propagation within 60 s"
         stalled_since = time.monotonic()
-        time.sleep(20)  # readiness-free: the stall itself; the pipe (64 kB) fills within seconds
+        time.sleep(20)  # readiness-free: the stall itself; the pipe fills within seconds
         before = {name: stats(config, name) for name in ("storage", "agent-1", "agent-3")}
         time.sleep(max(0.0, 30 - (time.monotonic() - stalled_since)))  # readiness-free: the stall itself
         after = {name: stats(config, name) for name in ("storage", "agent-1", "agent-3")}
         assert after["storage"]["accepted"] > before["storage"]["accepted"] + 50, (before, after)
         for name in ("agent-1", "agent-3"):
             assert after[name]["residuals"] > before[name]["residuals"], (name, before, after)
+        # Read again, the output flows on: more than the pipe held, so the writer too
+        # outlived the stall. (Whether lines were dropped depends on how much the services
+        # said meanwhile; the counting is tests/test_logic.py's.)
         assert launcher.stdout is not None
         os.set_blocking(launcher.stdout.fileno(), False)
-        while b"log lines dropped while the output was blocked" not in output:
-            chunk = launcher.stdout.read(65536)
+        reading_since = time.monotonic()
+        while len(output) <= 2 * PIPE_BYTES:
+            chunk = launcher.stdout.read(PIPE_BYTES)
             output += chunk or b""
-            assert time.monotonic() < deadline + 60, output[-2000:]
+            assert time.monotonic() < reading_since + WAIT_TIMEOUT_S, output[-2000:]
             if not chunk:
-                time.sleep(0.05)  # readiness-free: polls a non-blocking pipe, bounded by the deadline
+                time.sleep(0.05)  # readiness-free: polls a non-blocking pipe, bounded
     finally:
         launcher.send_signal(signal.SIGINT)
         try:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import os
+import select
 import selectors
+import struct
+import termios
 import time
 from typing import Any
 
@@ -21,6 +26,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
+from propagation.logs import LogOutput
 from propagation.pacing import Pacer
 from propagation.relaying import Freshness, batch_residuals, batch_result
 from storage import Storage, StorageArgs
@@ -30,6 +36,28 @@ HERE = f"{get_host_name()}/monotonic"
 
 def stamp(value: float, clock: str = "storage-host/monotonic#a") -> Timestamp:
     return Timestamp(stamp=value, clock_name=clock, semantics=wire.RESIDUAL_TIME)
+
+
+def test_lines_that_find_the_output_stalled_are_dropped_and_counted() -> None:
+    read_end, write_end = os.pipe()
+    output = LogOutput(open(write_end, "w", encoding="utf-8"), lines=3)  # noqa: SIM115 (closed below)
+    try:
+        output.write("x" * (2 * 65536))  # more than a pipe holds: the writer blocks in it
+        deadline = time.monotonic() + 10
+        while struct.unpack("i", fcntl.ioctl(read_end, termios.FIONREAD, b"\0" * 4))[0] < 65536:
+            assert time.monotonic() < deadline, "the writer did not fill the pipe"
+            time.sleep(0.01)  # readiness-free: polls how much the pipe holds, bounded
+        for number in range(10):
+            output.write(f"line {number}")  # three wait in the queue, the rest find it full
+        text = b""
+        while b"line 2\n" not in text:
+            readable, _, _ = select.select([read_end], [], [], max(0.0, deadline - time.monotonic()))
+            assert readable, text[-200:]
+            text += os.read(read_end, 65536)
+        assert text.endswith(b"WARNING: 7 log lines dropped while the output was blocked\nline 0\nline 1\nline 2\n")
+    finally:
+        output.close()
+        os.close(read_end)
 
 
 def test_residual_order() -> None:
