@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
-from helpers import Services, write_config
+from helpers import Services, kill_leftovers, write_config
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -22,18 +22,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture
-def services(request: pytest.FixtureRequest) -> Iterator[Services]:
-    """Starts processes; stops them all after the test and shows their output if it failed."""
+def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Services]:
+    """Starts processes; stops them all after the test and shows their output if it failed.
+
+    A service that outlived the tool that started it (one killed after a timeout) is
+    killed too: a passing test must leave none.
+    """
     started = Services()
     try:
         yield started
     finally:
         started.stop_all()
+        leftovers = kill_leftovers(tmp_path)
         report = getattr(request.node, "report_call", None)
         if report is None or report.failed:
             for process in started.started:
                 tail = "\n".join(process.lines[-60:])
                 print(f"----- {process.label} (exit {process.popen.returncode}), last lines:\n{tail}")
+        elif leftovers:
+            pytest.fail("processes outlived the test:\n" + "\n".join(leftovers))
 
 
 @pytest.fixture

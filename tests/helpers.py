@@ -6,6 +6,7 @@ The fixtures that stop what a test started are in conftest.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from typing import Any, Iterable
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
+import psutil
 import pytest
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service_pb2 import EventServiceConfig, RequestReplyRequest, SubscribeRequest
@@ -257,6 +259,22 @@ class Services:
             process.signal(signal.SIGTERM)
         for process in reversed(self.started):
             process.stop()
+
+
+def kill_leftovers(directory: Path) -> list[str]:
+    """Kills every process whose command line names ``directory``; returns what it killed.
+
+    The launcher and the benchmark start services in sessions of their own: if a tool
+    has to be killed, its services live on, with their config in the test's directory.
+    """
+    killed = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(str(directory) in part for part in cmdline):
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+                killed.append(f"{process.info['pid']}: {' '.join(cmdline)}")
+    return killed
 
 
 def service_config(config: Path, name: str) -> EventServiceConfig:

@@ -37,7 +37,9 @@ def cells(output: str, label: str) -> list[str]:
 # Many processes busy at once: never beside another such test (xdist group).
 @pytest.mark.slow
 @pytest.mark.xdist_group("cpu")
-def test_bench_prints_every_row(services: Services) -> None:
+def test_bench_prints_every_row(services: Services, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its configs go to tmp_path: the fixture finds its services by them if it must be killed.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
     process = services.tool("bench", *SMOKE_ARGS)
     assert process.wait_exit(SMOKE_TIMEOUT_S) == 0, process.output
     output = process.output

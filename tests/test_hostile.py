@@ -40,6 +40,7 @@ from helpers import (
     Process,
     Services,
     collect,
+    kill_leftovers,
     port_of,
     raw_request,
     request,
@@ -373,9 +374,11 @@ def test_a_stalled_terminal_stops_nothing(tmp_path: Path) -> None:
             if launcher.poll() is None:
                 launcher.kill()
                 launcher.wait(5)
+            killed = kill_leftovers(tmp_path)  # the services of a launcher that had to be killed
     # Its own last lines may stay behind the stall's backlog (its writer gets 0.4 s at exit):
     # its exit code says whether every service exited 0, and their ports that they are gone.
     assert launcher.returncode == 0, output[-3000:]
+    assert killed == [], killed
     for entry in read_config(str(config)):
         check_port_free(entry.host, entry.port)  # the check a service makes before it serves
 
