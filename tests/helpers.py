@@ -261,6 +261,15 @@ class Services:
             process.stop()
 
 
+def processes_naming(directory: Path) -> list[psutil.Process]:
+    """The processes whose command line names ``directory`` (a config of a test's, say)."""
+    return [
+        process
+        for process in psutil.process_iter(["pid", "cmdline"])
+        if any(str(directory) in part for part in process.info["cmdline"] or [])
+    ]
+
+
 def kill_leftovers(directory: Path) -> list[str]:
     """Kills every process whose command line names ``directory``; returns what it killed.
 
@@ -268,12 +277,10 @@ def kill_leftovers(directory: Path) -> list[str]:
     has to be killed, its services live on, with their config in the test's directory.
     """
     killed = []
-    for process in psutil.process_iter(["pid", "cmdline"]):
-        cmdline = process.info["cmdline"] or []
-        if any(str(directory) in part for part in cmdline):
-            with contextlib.suppress(psutil.Error):
-                process.kill()
-                killed.append(f"{process.info['pid']}: {' '.join(cmdline)}")
+    for process in processes_naming(directory):
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+            killed.append(f"{process.info['pid']}: {' '.join(process.info['cmdline'])}")
     return killed
 
 

@@ -10,9 +10,8 @@ import re
 import signal
 from pathlib import Path
 
-import psutil
 import pytest
-from helpers import Services
+from helpers import Services, processes_naming
 
 from tools import bench
 
@@ -67,11 +66,7 @@ def test_bench_stops_its_services_on_ctrl_c(
     process.signal(signal.SIGINT)
     assert process.wait_exit(20) == 130, process.output
     assert "interrupted; services stopped" in process.output
-    left = [
-        proc.info["pid"]
-        for proc in psutil.process_iter(["pid", "cmdline"])
-        if any(str(tmp_path) in part for part in proc.info["cmdline"] or [])
-    ]
+    left = [proc.info["pid"] for proc in processes_naming(tmp_path)]
     assert left == [], process.output
 
 
