@@ -11,7 +11,6 @@ update the agent publishes freely.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from propagation.cli import ServiceSpec, exit_on_bad_input, run
 from propagation.config import arg
@@ -123,4 +122,4 @@ async def main(spec: ServiceSpec[AgentArgs]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(DESCRIPTION, AgentArgs, main))
+    run(DESCRIPTION, AgentArgs, main)

@@ -11,7 +11,6 @@ it holds at least ``batch_size``, it removes a batch, then publishes the residua
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from propagation.cli import ServiceSpec, exit_on_bad_input, run
 from propagation.config import arg
@@ -157,4 +156,4 @@ async def main(spec: ServiceSpec[StorageArgs]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(DESCRIPTION, StorageArgs, main))
+    run(DESCRIPTION, StorageArgs, main)

@@ -12,7 +12,6 @@ has drained, agents that had paused at 0 hear the new residual at once.
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 from propagation.cli import ServiceSpec, exit_on_bad_input, run
 from propagation.config import arg
@@ -154,4 +153,4 @@ async def main(spec: ServiceSpec[SupervisorArgs]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run(DESCRIPTION, SupervisorArgs, main))
+    run(DESCRIPTION, SupervisorArgs, main)

@@ -15,7 +15,7 @@ import dataclasses
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, NoReturn, Sequence, TypeVar
 
 from propagation.config import ConfigError, Entry, check_entry, check_port_free, find_entry, parse_args, read_config
 
@@ -103,12 +103,14 @@ def run(
     args_type: type[ArgsT],
     main: Callable[[ServiceSpec[ArgsT]], Awaitable[int | None]],
     argv: Sequence[str] | None = None,
-) -> int:
-    """Runs a service: loads its spec, sets up logging, runs ``main`` in an event loop.
+) -> NoReturn:
+    """Runs a service: loads its spec, sets up logging, runs ``main`` in an event loop, exits.
 
-    Returns:
-        The exit code: what ``main`` returns (0 for None), 1 for bad input.
-
+    The exit code is what ``main`` returns (0 for None), 1 for bad input. The process
+    ends with ``os._exit`` once its last lines are written: the interpreter's own exit
+    would put back the default signal handlers, then wait for gRPC's threads (on Python
+    3.8 and 3.9 a second SIGTERM meanwhile killed the process, and gRPC's poller could
+    hold the exit for seconds).
     """
 
     def body() -> int:
@@ -124,7 +126,11 @@ def run(
             _quiet_signals()
             output.close()
 
-    return run_cli(body)
+    code = run_cli(body)
+    with contextlib.suppress(OSError, ValueError, AttributeError):  # a closed or broken stdout
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def run_cli(body: Callable[[], int | None]) -> int:
