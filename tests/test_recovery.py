@@ -7,14 +7,15 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import Process, Services, port_of, stats, write_config
+from helpers import WAIT_TIMEOUT_S, Process, Services, port_of, stats, write_config
 
 README_ORDER = ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2", "agent-3"]
-# Propagation through a restarted service must resume within this long of its return.
-RESUME_S = 5.0
+# Propagation through a restarted service resumes within seconds of its return on a quiet
+# machine; beside the rest of the suite on two cores, only a hang takes longer than this.
+RESUME_S = WAIT_TIMEOUT_S
 
 
-def assert_propagating(running: dict[str, Process], timeout: float = 10.0) -> None:
+def assert_propagating(running: dict[str, Process], timeout: float = WAIT_TIMEOUT_S) -> None:
     """Every agent hears a residual, and storage stores, from now on."""
     for name, process in running.items():
         if name.startswith("agent"):
