@@ -36,7 +36,9 @@ if __name__ == "__main__":
     exit_on_bad_input(DESCRIPTION, AgentArgs)
 
 import asyncio  # (every import from here on waits for the check above)
+import contextlib
 import random
+import time
 
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
@@ -46,9 +48,15 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
-from propagation.agent_counts import AgentCounts
 from propagation.pacing import Pacer
+from propagation.residuals import ResidualFilter
 from propagation.serving import create_server, serve
+from propagation.stats import AgentCounts
+
+# /pauses goes out at each pause and resume, at most this often, and every second: a
+# supervisor wakes the agent by it, and a lost one is repaired by the next.
+PAUSES_PERIOD_S = 1.0
+PAUSES_MIN_GAP_S = 0.05
 
 
 class Agent:
@@ -61,7 +69,9 @@ class Agent:
         # back: concurrent publishes would share numbers.
         self.publishing = asyncio.Lock()
         self.remainder: int | None = None
-        self.counts = AgentCounts(args.rate, args.num_tasks)
+        self.residuals = ResidualFilter()
+        self.counts = AgentCounts(args.rate, args.num_tasks, self.residuals.local_clock)
+        self.pause_changed = asyncio.Event()
         service.add_request_reply_handler(self.on_request)
 
     async def on_request(self, request: RequestReplyRequest) -> Empty:
@@ -73,10 +83,12 @@ class Agent:
         """
         if request.event.uri.path == "/update_residual":
             residual = Int32Value.FromString(request.payload)
-            if self.counts.applies(request.event, paused=not self.pacer.room.is_set()):
+            verdict = self.residuals.verdict(wire.find_stamp(request.event, wire.RESIDUAL_TIME), time.monotonic())
+            self.counts.residual(verdict, request.event)
+            if verdict == "apply":
                 self.remainder = residual.value
                 self.service.logger.info("Remainder: %d", residual.value)
-                await self.pause_or_resume(request.event)
+                self.pause_or_resume(request.event)
         return Empty()
 
     async def run_task(self, task_id: int) -> None:
@@ -90,8 +102,8 @@ class Agent:
             self.counts.published += 1
             self.service.logger.info("Published sample %s from task %d", message["sample"], task_id)
 
-    async def pause_or_resume(self, event: Event) -> None:
-        """Pauses the tasks at a remainder ``<= 0``, resumes them above; publishes ``/pauses``."""
+    def pause_or_resume(self, event: Event) -> None:
+        """Pauses the tasks at a remainder ``<= 0``, resumes them above."""
         has_room = self.remainder is None or self.remainder > 0
         if has_room == self.pacer.room.is_set():
             return
@@ -101,8 +113,18 @@ class Agent:
         else:
             self.pacer.room.clear()
             self.counts.paused()
-        async with self.publishing:  # latched: a recorder or plot sees every transition
-            await self.service.publish("/pauses", self.counts.pause_figures(), latch=True)
+        self.pause_changed.set()
+
+    async def report_pauses(self) -> None:
+        """Publishes whether the agent is paused on ``/pauses`` (latched), at each change and every second."""
+        while True:
+            self.pause_changed.clear()
+            figures = self.counts.pause_figures(paused=not self.pacer.room.is_set())
+            async with self.publishing:
+                await self.service.publish("/pauses", figures, latch=True)
+            await asyncio.sleep(PAUSES_MIN_GAP_S)  # a flood of residuals is not a flood of /pauses
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.pause_changed.wait(), PAUSES_PERIOD_S - PAUSES_MIN_GAP_S)
 
     def warn_slow(self) -> None:
         """Says once that the tasks cannot keep up; the skipped slots are counted."""
@@ -112,13 +134,24 @@ class Agent:
                 "cannot keep up with rate x num_tasks: skipping missed slots (counted in /stats missed_slots)"
             )
 
+    def stats(self) -> dict[str, object]:
+        """The figures ``/stats`` carries."""
+        figures = {
+            **self.counts.figures(),
+            "missed_slots": self.pacer.missed_slots,
+            "paused": not self.pacer.room.is_set(),
+        }
+        if self.remainder is not None:
+            figures["remainder"] = self.remainder
+        return figures
+
 
 async def main(spec: ServiceSpec[AgentArgs]) -> int:
     """Builds the agent's service and serves it until Ctrl-C or SIGTERM."""
     service = EventServiceGrpc(create_server(wire.AGENT), spec.config)
     agent = Agent(service, spec.args)
     tasks = [agent.run_task(task_id) for task_id in range(spec.args.num_tasks)]
-    return await serve(service, tasks, stats=lambda: agent.counts.figures(agent.pacer, agent.remainder))
+    return await serve(service, [*tasks, agent.report_pauses()], stats=agent.stats)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 Request/reply ``/update_storage`` (``Empty``) stores one item and replies the residual,
 ``Int32Value(max_storage - count)``. Every ``drain_period`` seconds (0.1 by default), when
-it holds at least ``batch_size``, it removes a batch, then publishes the residual on
-``/residual`` (latched) so that supervisors can wake agents that paused while it was full.
+it holds at least ``batch_size``, it removes a batch. It publishes the residual on
+``/residual`` (latched) after each drain and at least every ``max(drain_period, 0.5 s)``:
+supervisors wake the agents that paused while it was full by it.
 
     python storage.py --service-config service_config.json --service-name storage
 """
@@ -42,14 +43,15 @@ import asyncio  # (every import from here on waits for the check above)
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
 from farm_ng.core.event_service_pb2 import RequestReplyRequest
+from farm_ng.core.timestamp_pb2 import Timestamp
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
+from propagation.residuals import DrainTicks, ResidualClock
 from propagation.serving import create_server, serve
-from propagation.stats import LevelRecord
 
 MAX_BATCH = 256  # items one /update_storage_batch may store: a supervisor's max_batch at most
 
@@ -61,9 +63,11 @@ class Storage:
         self.service = service
         self.args = args
         self.count = 0
-        self.incarnation = wire.new_incarnation()  # orders residuals across restarts
+        self.clock = ResidualClock()  # stamps residuals: agents apply the newest
         self.counts = dict.fromkeys(("accepted", "refused", "drained", "bad_batches"), 0)
-        self.level = LevelRecord(service, args.max_storage)  # for plots: /level keeps the peaks
+        # farm-ng-core's publish reads and bumps its sequence around an await.
+        self.publishing = asyncio.Lock()
+        self.was_full = False
         service.add_request_reply_handler(self.on_request)
 
     async def on_request(self, request: RequestReplyRequest) -> Message | tuple[Message, Event]:
@@ -75,9 +79,9 @@ class Storage:
         ``{"stored", "refused", "residual"}``.
         """
         if request.event.uri.path == "/update_storage":
-            stamps = [wire.residual_stamp(self.incarnation)]
+            stamps = [self.clock.stamp()]
             if self.store(1) == 0:
-                stamps.append(wire.stamp_now(wire.STORE_REFUSED))
+                stamps.append(Timestamp(semantics=wire.STORE_REFUSED))
             residual = Int32Value(value=self.args.max_storage - self.count)
             await self.publish_level(only_if_full=True)  # the peak: a plot of /level reaches max_storage
             return residual, Event(timestamps=stamps)
@@ -105,7 +109,13 @@ class Storage:
         return stored
 
     async def drain(self) -> None:
-        """Removes ``batch_size`` every ``drain_period`` while at least that much is stored."""
+        """Removes ``batch_size`` every ``drain_period`` while it holds that much; re-asserts the residual.
+
+        The residual goes out after each drain and at least every ``reassert_period``,
+        drained or not: a supervisor that missed one (or a wake-up it sent that was lost)
+        has the next within that period.
+        """
+        ticks = DrainTicks(self.args.drain_period, self.args.batch_size)
         await self.publish_level()
         await self.publish_residual()
         loop = asyncio.get_running_loop()
@@ -113,35 +123,48 @@ class Storage:
         while True:
             deadline += self.args.drain_period
             await asyncio.sleep(max(0.0, deadline - loop.time()))
-            if self.count < self.args.batch_size:
-                continue
-            await self.publish_level()  # the level before the drain: its peak
-            self.count -= self.args.batch_size
-            self.counts["drained"] += self.args.batch_size
-            self.service.logger.info("Removed from storage: %d/%d", self.args.batch_size, self.args.max_storage)
-            await self.publish_level()
-            await self.publish_residual()
+            drain, publish = ticks.tick(self.count)
+            if drain:
+                await self.publish_level()  # the level before the drain: its peak
+                self.count -= self.args.batch_size
+                self.counts["drained"] += self.args.batch_size
+                self.service.logger.info("Removed from storage: %d/%d", self.args.batch_size, self.args.max_storage)
+                await self.publish_level()
+            if publish:
+                await self.publish_residual()
 
     async def publish_residual(self) -> None:
         """Publishes the residual on ``/residual``, latched: a late subscriber gets it at once."""
         residual = Int32Value(value=self.args.max_storage - self.count)
-        await self.service.publish("/residual", residual, [wire.residual_stamp(self.incarnation)], latch=True)
+        async with self.publishing:
+            await self.service.publish("/residual", residual, [self.clock.stamp()], latch=True)
+
+    async def publish_level(self, only_if_full: bool = False) -> None:
+        """Publishes the count on ``/level`` (latched) where it peaks: before and after each drain, and when full.
+
+        ``/stats`` comes once a second and ``/residual`` with the drains: a plot of either
+        never shows how full storage got. With ``only_if_full``, only when it just got full.
+        """
+        full = self.count == self.args.max_storage
+        if only_if_full and (not full or self.was_full):
+            return
+        self.was_full = full
+        level = Struct()
+        level.update({"count": self.count, "max_storage": self.args.max_storage})
+        async with self.publishing:
+            await self.service.publish("/level", level, latch=True)
 
     async def store_batch(self, wanted: int) -> Message | tuple[Message, Event]:
         """Stores up to ``wanted`` items (``/update_storage_batch``); a count off 1..MAX_BATCH gets ``Empty``."""
         if not 1 <= wanted <= MAX_BATCH:
             self.counts["bad_batches"] += 1
             return Empty()
-        stamp = wire.residual_stamp(self.incarnation)
+        stamp = self.clock.stamp()
         stored = self.store(wanted)
         reply = Struct()
         reply.update({"stored": stored, "refused": wanted - stored, "residual": self.args.max_storage - self.count})
         await self.publish_level(only_if_full=True)
         return reply, Event(timestamps=[stamp])
-
-    async def publish_level(self, only_if_full: bool = False) -> None:
-        """Publishes the count on ``/level``: before and after each drain, and when it gets full."""
-        await self.level.publish(self.count, only_if_full)
 
     def stats(self) -> dict[str, object]:
         """The figures ``/stats`` carries."""

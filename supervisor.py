@@ -3,8 +3,9 @@
 It subscribes to ``/sample`` of every agent its config entry lists. For each sample
 above ``confidence`` it calls ``/update_storage`` on the service named ``storage``, logs
 the reply (``Residual: value: 455``) and sends that residual to the agent that published
-the sample (``/update_residual``). It also follows storage's ``/residual``: when storage
-has drained, agents that had paused at 0 hear the new residual at once.
+the sample (``/update_residual``). A paused agent publishes nothing, so it also follows
+storage's ``/residual`` and each agent's ``/pauses``: whenever storage says it has room,
+each agent that says it is paused hears so.
 
     python supervisor.py --service-config service_config.json --service-name supervisor-1
 """
@@ -27,29 +28,32 @@ class SupervisorArgs:
     # Relays (store, then tell the agent) under way at once; 1 is one at a time.
     max_in_flight: int = arg(1, 64, default=8)
     # Samples a relay stores in one call when they queue up; 1 is one call each.
-    max_batch: int = arg(1, 256, default=32)
+    max_batch: int = arg(1, 64, default=32)  # at most what waits (propagation.relaying.MAX_PENDING)
 
 
 if __name__ == "__main__":
     # Bad input gets its one line before gRPC and farm-ng-core load (seconds on a busy machine).
     exit_on_bad_input(DESCRIPTION, SupervisorArgs)
 
-from typing import TYPE_CHECKING  # (every import from here on waits for the check above)
+import time  # (every import from here on waits for the check above)
 
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
 from farm_ng.core.event_service_pb2 import SubscribeRequest
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf.empty_pb2 import Empty
+from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
+from propagation.config import is_loopback, service_name_in
 from propagation.peers import PeerClient, PeerUnavailable, fresh_stream_options
-from propagation.relaying import AgentLink, Freshness, Relays
+from propagation.relaying import AgentLink, Freshness, SampleQueue, SupervisorCounts, batch_residuals, store_outcome
 from propagation.serving import create_server, serve
 
-if TYPE_CHECKING:
-    from farm_ng.core.timestamp_pb2 import Timestamp
+# Storage re-asserts its residual every half second or so: more often than this is a
+# flood, and only the newest matters.
+MIN_RESIDUAL_GAP_S = 0.05
 
 
 class Supervisor:
@@ -64,79 +68,135 @@ class Supervisor:
         self.agents = {
             agent.name: AgentLink(PeerClient(agent, owner, channel_options=fresh_stream_options(agent)), subscription)
             for subscription in service.config.subscriptions
-            if (agent := spec.config_of(wire.service_name_of(subscription.uri) or ""))
+            if (agent := spec.config_of(service_name_in(subscription.uri.query) or ""))
         }
-        self.counts = dict.fromkeys(("received", "below_confidence", "too_old", "stored", "refused"), 0)
-        self.counts.update(dict.fromkeys(("malformed", "not_stored", "dropped", "unsent", "wakeups"), 0))
-        self.relays = Relays(self, spec.args.max_in_flight, spec.args.max_batch)
+        self.counts = SupervisorCounts()
+        self.queue = SampleQueue(spec.args.max_batch, self.counts, service.logger)
+        self.max_in_flight = spec.args.max_in_flight
+        self.takes_batches: bool | None = None  # whether storage has /update_storage_batch; None until asked
 
     async def watch_agent(self, link: AgentLink) -> None:
-        """Reads one agent's ``/sample`` and relays each sample above confidence."""
-        freshness = Freshness(link.agent.config.host)
+        """Reads one agent's ``/sample``: each sample above confidence waits for a relay."""
+        freshness = Freshness(applies=not is_loopback(link.agent.config.host))
         async for event, sample in link.agent.subscribe(link.subscription, decode=True):
-            self.counts["received"] += 1
-            link.heard_from()
+            self.counts.received += 1
             value = wire.sample_value(sample)
             if value is None:  # a Struct without a number "sample": not a sample of this contract
-                self.counts["malformed"] += 1
+                self.counts.malformed += 1
             elif value <= self.confidence:
-                self.counts["below_confidence"] += 1
+                self.counts.below_confidence += 1
             elif freshness.too_old(event):  # stuck in a slow link: its residual would be stale
-                self.counts["too_old"] += 1
+                self.counts.too_old += 1
             else:
-                self.relays.put(link, event)
+                self.queue.put(link, event)
 
-    async def relay(self, link: AgentLink, sample_event: Event) -> None:
-        """Stores one sample and tells its agent the room left: the example's round trip."""
-        try:
-            reply = await self.storage.request_reply("/update_storage", Empty())
-            residual = self.storage.decode_reply("/update_storage", reply)
-        except (PeerUnavailable, wire.WrongMessage):
-            self.counts["not_stored"] += 1
+    async def relay(self) -> None:
+        """Stores what waits (one sample, or all that queued), then tells each agent the room left."""
+        while True:
+            batch = await self.queue.next_batch()
+            await self.store(batch)
+
+    async def store(self, batch: list[tuple[AgentLink, Event]]) -> None:
+        """The round trip: store the samples, tell each agent the residual its last one left."""
+        outcome = None
+        if len(batch) == 1 or self.takes_batches is not False:
+            try:
+                outcome = await self.ask_storage(len(batch))
+            except PeerUnavailable as exc:  # if the call left, storage may have stored them
+                self.counts.unconfirmed += len(batch) if exc.sent else 0
+                self.counts.not_stored += 0 if exc.sent else len(batch)
+                return
+        if outcome is None:  # a storage without batches: one call each
+            for item in batch:
+                await self.store([item])
             return
-        self.counts["refused" if wire.find_stamp(reply.event, wire.STORE_REFUSED) else "stored"] += 1
-        # farm-ng's example prints str(residual), which is empty for 0: say "value: 0".
-        self.service.logger.info("Residual: value: %d", residual.value)
-        await self.send_residual(link, residual, wire.residual_stamps(reply.event, sample_event))
+        stored, residual, reply = outcome
+        self.counts.stored += stored
+        self.counts.refused += len(batch) - stored
+        for (link, event), left in zip(batch, batch_residuals(stored, residual, len(batch))):
+            # farm-ng's example prints str(residual), which is empty for 0: say "value: 0".
+            self.service.logger.info("Residual: value: %d", left)
+            link.tell(left, wire.residual_stamps(reply, event))
 
-    async def send_residual(self, link: AgentLink, residual: Int32Value, stamps: list[Timestamp]) -> bool:
-        """Tells an agent the residual (``/update_residual``); returns whether it got there."""
-        link.told(residual.value, stamps)
+    async def ask_storage(self, items: int) -> tuple[int, int, Event] | None:
+        """Stores ``items`` in one call: how many storage stored, the residual after, its reply.
+
+        ``/update_storage`` for one, as the original; ``/update_storage_batch`` for more
+        (None if storage does not take batches: farm-ng's original replies ``Empty``).
+
+        Raises:
+            PeerUnavailable: no valid reply; ``sent`` says whether storage may have had the call.
+
+        """
+        if items == 1:
+            path, reply = "/update_storage", await self.storage.request_reply("/update_storage", Empty())
+        else:
+            path = "/update_storage_batch"
+            reply = await self.storage.request_reply(path, Int32Value(value=items))
         try:
-            await link.agent.request_reply("/update_residual", residual, timestamps=stamps)
-        except PeerUnavailable:
-            self.counts["unsent"] += 1
-            link.forget()  # it may have missed anything
-            return False
-        return True
+            message = self.storage.decode_reply(path, reply)
+            if path == "/update_storage_batch" and not isinstance(message, Struct):
+                self.takes_batches = False
+                self.service.logger.info("storage takes no batches: storing one sample per call")
+                return None
+            stored, residual = store_outcome(path, message, reply.event, items)
+        except wire.WrongMessage:  # it had the call: what it did, its reply does not say
+            raise PeerUnavailable(self.storage.config.name, sent=True) from None
+        if residual < 0:  # farm-ng's original storage counts on past its maximum: no room
+            self.counts.negative_residuals += 1
+            residual = 0
+        return stored, residual, reply.event
+
+    async def tell_agent(self, link: AgentLink) -> None:
+        """Sends an agent its residuals (``/update_residual``): one call at a time, the newest next."""
+        async for residual, stamps, wake_up in link.residuals():
+            try:
+                await link.agent.request_reply("/update_residual", Int32Value(value=residual), timestamps=stamps)
+            except PeerUnavailable:
+                link.outbox.done(None)
+                self.counts.unsent += 1
+            else:
+                link.outbox.done(residual)
+                self.counts.wakeups += wake_up
+
+    async def watch_pauses(self, link: AgentLink) -> None:
+        """Follows an agent's ``/pauses``: whether it is paused, in its own words."""
+        request = SubscribeRequest(uri=Uri(path="/pauses", query=f"service_name={link.name}"), every_n=1)
+        async for _, pauses in link.agent.subscribe(request, decode=True):
+            paused = dict(pauses).get("paused") if isinstance(pauses, Struct) else None
+            if isinstance(paused, bool):
+                link.outbox.pauses.reported = paused
 
     async def watch_storage(self) -> None:
-        """Wakes paused agents when storage publishes room on ``/residual``.
+        """Forwards storage's ``/residual``, when it has room, to each agent that may be paused.
 
-        An agent paused at 0 publishes nothing, so no relay would ever reach it again;
-        storage publishes its residual after each drain instead. In steady state (no
-        agent paused) this sends nothing.
+        A paused agent publishes nothing, so no relay would ever reach it again. Storage
+        re-asserts its residual after each drain and at least every half second; each
+        agent re-asserts whether it is paused. Matching the two on every period wakes an
+        agent whatever was lost before. In steady state (no agent paused) this sends nothing.
         """
         request = SubscribeRequest(uri=Uri(path="/residual", query="service_name=storage"), every_n=1)
+        last = 0.0
         async for event, residual in self.storage.subscribe(request, decode=True):
+            if time.monotonic() - last < MIN_RESIDUAL_GAP_S:
+                self.counts.residuals_skipped += 1
+                continue
+            last = time.monotonic()
             if isinstance(residual, Int32Value) and residual.value > 0:
-                stamps = [*wire.residual_stamps(event), wire.stamp_now(wire.WAKE_UP)]
                 for link in self.agents.values():
-                    if link.may_be_paused():
-                        self.relays.in_background(self.wake(link, residual, stamps))
-
-    async def wake(self, link: AgentLink, residual: Int32Value, stamps: list[Timestamp]) -> None:
-        """Sends a paused (or unknown) agent the residual that lets it resume."""
-        if await self.send_residual(link, residual, stamps):
-            self.counts["wakeups"] += 1
+                    if link.may_need_waking():
+                        link.tell(residual.value, wire.residual_stamps(event), wake_up=True)
 
     def stats(self) -> dict[str, object]:
         """The figures ``/stats`` carries."""
         peers = [self.storage, *(link.agent for link in self.agents.values())]
         return {
-            **self.counts,
+            **dataclasses.asdict(self.counts),
+            "superseded": sum(link.outbox.superseded for link in self.agents.values()),
             "confidence": self.confidence,
-            **self.relays.figures(),
+            "max_in_flight": self.max_in_flight,
+            "max_batch": self.queue.max_batch,
+            "pending": len(self.queue),
             "agents": list(self.agents),
             "storage_reachable": bool(self.storage.reachable),
             "refused_from_peers": sum(peer.refused for peer in peers),
@@ -147,8 +207,11 @@ async def main(spec: ServiceSpec[SupervisorArgs]) -> int:
     """Builds the supervisor's service and serves it until Ctrl-C or SIGTERM."""
     service = EventServiceGrpc(create_server(wire.SUPERVISOR), spec.config)
     supervisor = Supervisor(service, spec)
-    tasks = [supervisor.watch_agent(link) for link in supervisor.agents.values()]
-    tasks += [*supervisor.relays.workers(), supervisor.watch_storage()]
+    links = supervisor.agents.values()
+    jobs = (supervisor.watch_agent, supervisor.watch_pauses, supervisor.tell_agent)
+    tasks = [job(link) for link in links for job in jobs]
+    tasks += [supervisor.relay() for _ in range(supervisor.max_in_flight)]
+    tasks.append(supervisor.watch_storage())
     return await serve(service, tasks, stats=supervisor.stats)
 
 

@@ -113,7 +113,15 @@ def fresh_stream_options(config: EventServiceConfig) -> list[tuple[str, Any]]:
 
 
 class PeerUnavailable(Exception):
-    """A call to a peer failed: it is down, restarting, or did not answer in time."""
+    """A call to a peer failed: it is down, restarting, or did not answer in time.
+
+    ``sent`` says whether the peer may have had the call: it left on a connection that was
+    ready, and no valid reply came back. A call that never found a connection did not.
+    """
+
+    def __init__(self, peer: str, sent: bool = False) -> None:
+        super().__init__(peer)
+        self.sent = sent
 
 
 class _Connection:
@@ -243,12 +251,22 @@ class PeerClient:
             payload=payload,
         )
         connection = self._current()
-        try:
-            async with connection.call() as stub:
-                reply: RequestReplyReply = await stub.requestReply(request, timeout=self.timeout)
-        except grpc.aio.AioRpcError as exc:
-            await self._call_failed(exc, connection)
-            raise PeerUnavailable(self.config.name) from None
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        async with connection.call() as stub:
+            # A call leaves only on a ready connection: one that failed before is known not to have.
+            if not await self._connected(connection, self.timeout):
+                raise PeerUnavailable(self.config.name)
+            try:
+                reply: RequestReplyReply = await stub.requestReply(
+                    request, timeout=max(0.0, deadline - asyncio.get_running_loop().time())
+                )
+            except grpc.aio.AioRpcError as exc:
+                failure = exc
+            else:
+                failure = None
+        if failure is not None:
+            await self._call_failed(failure, connection)
+            raise PeerUnavailable(self.config.name, sent=True)
         self._mark_up(connection)
         reply.event.timestamps.append(get_monotonic_now(semantics=StampSemantics.CLIENT_RECEIVE))
         if not decode:
@@ -256,7 +274,7 @@ class PeerClient:
         try:
             return self.decode_reply(path, reply)
         except WrongMessage:
-            raise PeerUnavailable(self.config.name) from None
+            raise PeerUnavailable(self.config.name, sent=True) from None
 
     def decode_reply(self, path: str, reply: RequestReplyReply) -> Message:
         """The message of a reply to ``path``, decoded as that path's reply type.
@@ -286,7 +304,7 @@ class PeerClient:
             connection = self._current()
             pause = RESUBSCRIBE_PAUSE_S
             async with connection.call() as stub:
-                if not await self._connected(connection):
+                if not await self._connected(connection, self.timeout):
                     continue
                 call = stub.subscribe(request)
                 first = True
@@ -310,12 +328,16 @@ class PeerClient:
             # Outside the call: a connection retired meanwhile closes without waiting for it.
             await asyncio.sleep(pause)
 
-    async def _connected(self, connection: _Connection) -> bool:
-        """Whether ``connection`` gets ready within ``timeout``; if not, the peer is down."""
+    async def _connected(self, connection: _Connection, timeout: float) -> bool:
+        """Whether ``connection`` is ready, or gets ready within ``timeout``; if not, the peer is down."""
+        if connection.channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
+            return True
         try:
-            await asyncio.wait_for(connection.channel.channel_ready(), self.timeout)
+            await asyncio.wait_for(connection.channel.channel_ready(), timeout)
         except asyncio.TimeoutError:
             self._mark_down(connection, "no connection")
+            return False
+        except grpc.aio.UsageError:  # closed meanwhile by close()
             return False
         return True
 
@@ -337,6 +359,7 @@ class PeerClient:
                     self._mark_down(connection, "no answer")
                     await self._replace(connection)
                     return None
+                self._mark_up(connection)  # silent, but it answers
         finally:
             reading.cancel()
 
@@ -383,6 +406,12 @@ class PeerClient:
         self.refused += 1
         self._tally.add(f"{self.config.name}: refused %d {what} that were not of their path's type")
         self._log.debug("%s: %s", self.config.name, exc)
+
+    def refuse_reply(self, path: str, why: str) -> None:
+        """Counts a reply of the right type whose content the caller could not take as it is."""
+        self.refused += 1
+        self._tally.add(f"{self.config.name}: refused %d replies to {path} out of range")
+        self._log.debug("%s: %s", self.config.name, why)
 
     # -----------------------------------------------------------------------------
     # Up and down

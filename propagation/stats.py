@@ -6,17 +6,18 @@ two ``/stats`` of a service into a rate.
 
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from google.protobuf.struct_pb2 import Struct
 
-if TYPE_CHECKING:
-    from farm_ng.core.event_service import EventServiceGrpc
+from propagation.residuals import same_host_clock
+from propagation.wire import RESIDUAL_TIME, SAMPLE_PUBLISHED, find_stamp
 
-__all__ = ["LATENCY_WINDOW_S", "LatencyWindow", "LevelRecord", "percentile"]
+if TYPE_CHECKING:
+    from farm_ng.core.event_pb2 import Event
 
 # Propagation latencies kept for the percentiles in /stats, and how far back they reach.
 LATENCY_WINDOW_S = 5.0
@@ -57,28 +58,64 @@ def percentile(ordered: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-class LevelRecord:
-    """Storage's count on ``/level`` (latched), published where it keeps the peaks.
+@dataclasses.dataclass
+class AgentCounts:
+    """What an agent counts for ``/stats`` and ``/pauses``."""
 
-    ``/stats`` comes once a second and ``/residual`` after drains: a plot of either never
-    shows how full storage got. Published before and after each drain and when the count
-    reaches ``max_storage``, ``/level`` does, without a message per store.
-    """
+    rate: float
+    num_tasks: int
+    local_clock: str  # this host's monotonic clock: the stamps a latency can be read from
+    published: int = 0
+    residuals: int = 0
+    stale_residuals: int = 0
+    future_residuals: int = 0
+    pauses: int = 0
+    resumes: int = 0
+    warned_slow: bool = False
+    latencies: LatencyWindow = dataclasses.field(default_factory=lambda: LatencyWindow("latency"))
+    resume_delays: LatencyWindow = dataclasses.field(default_factory=lambda: LatencyWindow("resume", window_s=60.0))
 
-    def __init__(self, service: EventServiceGrpc, max_storage: int) -> None:
-        self._service = service
-        self._max = max_storage
-        self._was_full = False
-        # farm-ng-core's publish reads and bumps its sequence around an await.
-        self._publishing = asyncio.Lock()
+    def residual(self, verdict: str, event: Event) -> None:
+        """Counts a residual by its verdict; an applied one's latency, from its sample's publishing."""
+        if verdict == "stale":
+            self.stale_residuals += 1
+        elif verdict == "future":
+            self.future_residuals += 1
+        else:
+            self.residuals += 1
+            self._since(event, SAMPLE_PUBLISHED, self.latencies)
 
-    async def publish(self, count: int, only_if_full: bool = False) -> None:
-        """Publishes ``count``; with ``only_if_full``, only when it has just reached the maximum."""
-        full = count == self._max
-        if only_if_full and (not full or self._was_full):
-            return
-        self._was_full = full
-        level = Struct()
-        level.update({"count": count, "max_storage": self._max})
-        async with self._publishing:
-            await self._service.publish("/level", level, latch=True)
+    def paused(self) -> None:
+        """Counts a pause."""
+        self.pauses += 1
+
+    def resumed(self, event: Event) -> None:
+        """Counts a resume, and how long after storage made room it came."""
+        self.resumes += 1
+        self._since(event, RESIDUAL_TIME, self.resume_delays)
+
+    def _since(self, event: Event, semantics: str, window: LatencyWindow) -> None:
+        stamp = find_stamp(event, semantics)
+        if stamp is not None and same_host_clock(stamp, self.local_clock):
+            window.add(time.monotonic() - stamp.stamp)
+
+    def pause_figures(self, paused: bool) -> Struct:
+        """What ``/pauses`` carries: whether paused, and the pauses and resumes so far."""
+        message = Struct()
+        message.update({"paused": paused, "pauses": self.pauses, "resumes": self.resumes})
+        return message
+
+    def figures(self) -> dict[str, Any]:
+        """The counters in ``/stats``, with the latency percentiles."""
+        return {
+            "rate": self.rate,
+            "num_tasks": self.num_tasks,
+            "published": self.published,
+            "pauses": self.pauses,
+            "resumes": self.resumes,
+            "residuals": self.residuals,
+            "stale_residuals": self.stale_residuals,
+            "future_residuals": self.future_residuals,
+            **self.latencies.figures(),
+            **self.resume_delays.figures(),
+        }

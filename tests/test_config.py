@@ -197,7 +197,7 @@ def problem(args_type: type[Any], *args: str) -> str:
         (SupervisorArgs, ["confidence=-0.1"], "arg confidence=-0.1 must be in 0..1"),
         (SupervisorArgs, ["confidence=0.5", "max_in_flight=0"], "arg max_in_flight=0 must be in 1..64"),
         (SupervisorArgs, ["confidence=0.5", "max_in_flight=1000000000"], "max_in_flight=1000000000 must be in 1..64"),
-        (SupervisorArgs, ["confidence=0.5", "max_batch=257"], "arg max_batch=257 must be in 1..256"),
+        (SupervisorArgs, ["confidence=0.5", "max_batch=65"], "arg max_batch=65 must be in 1..64"),
         (StorageArgs, ["max_storage=0", "batch_size=1"], "arg max_storage=0 must be in 1..2147483647"),
         (StorageArgs, ["max_storage=2147483648", "batch_size=1"], "max_storage=2147483648 must be in 1..2147483647"),
         (StorageArgs, ["max_storage=10", "batch_size=11"], "arg batch_size=11 must be in 1..max_storage (10)"),

@@ -41,13 +41,15 @@ def test_our_supervisor_with_a_plain_agent_and_storage(services: Services, tmp_p
             supervisor = services.service(config, "supervisor-2")
             await asyncio.wait_for(agent.publish(values), WAIT_TIMEOUT_S)
             for _ in range(int(WAIT_TIMEOUT_S / 0.1)):
-                if len(agent.residuals) >= 3:
+                if any(residual.value == 497 for _, residual in agent.residuals):
                     break
                 await asyncio.sleep(0.1)  # readiness-free: polls what the agent heard, bounded by WAIT_TIMEOUT_S
-            assert len(agent.residuals) >= 3, supervisor.output
             return supervisor, storage.count, [residual.value for _, residual in agent.residuals]
 
     supervisor, stored, residuals = asyncio.run(scenario())
     supervisor.wait_for(r"^Residual: value: 497$")
     assert stored == 3
-    assert sorted(residuals, reverse=True) == [499, 498, 497]
+    # The newest residual reaches the agent; an older one may have been replaced by it
+    # while the agent answered the call before (one call to an agent at a time).
+    assert 497 in residuals, supervisor.output
+    assert set(residuals) <= {499, 498, 497}, residuals

@@ -1,0 +1,209 @@
+"""When an agent publishes: one rule, made of states re-asserted on a period.
+
+An agent publishes while the residual it last applied is above 0. The residual and the
+agent's pause are levels, each re-asserted by its source, so that a message lost, late or
+overtaken is repaired by the next period without a special case:
+
+- storage publishes its residual on ``/residual`` (latched) after each drain and at least
+  every ``P = max(drain_period, 0.5 s)``, stamped when it is published (``ResidualClock``);
+- an agent publishes whether it is paused on ``/pauses`` (latched) at each change and every
+  second;
+- a supervisor forwards each ``/residual`` above 0 to every agent of its own that it can
+  reach and that may be paused: its last ``/pauses`` said so, or it has said nothing yet
+  (``PauseView``); an agent that publishes nothing on ``/pauses`` (farm-ng's original) is
+  judged by the last residual delivered to it;
+- an agent applies a residual unless it applied a newer one of storage in the last
+  ``ResidualFilter.WINDOW_S`` (``ResidualFilter``).
+
+So whenever storage has had room for ``resume_bound(drain_period) = 2 P + 1 s``, every
+agent that a supervisor can reach is publishing, whatever was lost, delayed, reordered or
+restarted before (docs/design.md gives the argument; tests/test_liveness.py checks it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from farm_ng.core.timestamp_pb2 import Timestamp
+from farm_ng.core.uri import get_host_name
+
+from propagation.wire import RESIDUAL_TIME
+
+# Storage re-asserts its residual at least this often, whatever its drain period.
+MIN_REASSERT_S = 0.5
+# What messages may take on the way, on top of the periods, in the bound.
+BOUND_SLACK_S = 1.0
+
+
+def reassert_period(drain_period: float) -> float:
+    """``P``: the longest storage goes without publishing its residual."""
+    return max(drain_period, MIN_REASSERT_S)
+
+
+def resume_bound(drain_period: float) -> float:
+    """``B``: an agent resumes at most this long after storage has room."""
+    return 2 * reassert_period(drain_period) + BOUND_SLACK_S
+
+
+class ResidualClock:
+    """Storage's stamps on residuals: when each was true, in an order that survives restarts.
+
+    The clock is the host's monotonic clock, named after the host and the incarnation:
+    ``host/monotonic#<start>-<random>``, where ``<start>`` is when this storage started, in
+    nanoseconds of the system clock. Residuals are ordered by incarnation start, then by
+    monotonic time (``order_key``): a newer storage's residuals come after an older one's
+    even when its host rebooted (its monotonic clock starts again near 0), or when storage
+    moved to another host whose system clock agrees with the old one's to within the time
+    the move took.
+    """
+
+    def __init__(self, host_clock: str | None = None, started_ns: int | None = None) -> None:
+        """A clock of this host, started now (both may be given, for a simulation)."""
+        host_clock = host_clock or f"{get_host_name()}/monotonic"
+        started = time.time_ns() if started_ns is None else started_ns
+        self.name = f"{host_clock}#{started}-{os.urandom(3).hex()}"
+
+    def stamp(self, now: float | None = None) -> Timestamp:
+        """``now`` (the monotonic clock's by default) on this storage's clock."""
+        return Timestamp(stamp=time.monotonic() if now is None else now, clock_name=self.name, semantics=RESIDUAL_TIME)
+
+
+class DrainTicks:
+    """Storage's beat: each tick (every ``drain_period``) it drains a batch if it holds one.
+
+    It publishes its residual after each drain, and on the ticks in between at least every
+    ``reassert_period``.
+    """
+
+    def __init__(self, drain_period: float, batch_size: int) -> None:
+        self.batch_size = batch_size
+        self._ticks_per_residual = max(1, round(reassert_period(drain_period) / drain_period))
+        self._since_residual = 0
+
+    def tick(self, count: int) -> tuple[bool, bool]:
+        """Whether to drain a batch on this tick, and whether to publish the residual after it."""
+        drain = count >= self.batch_size
+        self._since_residual += 1
+        publish = drain or self._since_residual >= self._ticks_per_residual
+        if publish:
+            self._since_residual = 0
+        return drain, publish
+
+
+def order_key(stamp: Timestamp) -> tuple[int, str, float]:
+    """Where a residual stands among others: incarnation start, incarnation, time.
+
+    A clock name without a start (another program's, or a forged one) sorts first.
+    """
+    incarnation = stamp.clock_name.partition("#")[2]
+    start = incarnation.partition("-")[0]
+    return (int(start) if start.isdigit() and len(start) < 30 else 0, incarnation, stamp.stamp)
+
+
+def same_host_clock(stamp: Timestamp, local_clock: str) -> bool:
+    """Whether a stamp is of ``local_clock`` (``host/monotonic``), whatever its incarnation."""
+    return stamp.clock_name.partition("#")[0] == local_clock
+
+
+class ResidualFilter:
+    """Which residuals an agent applies: the newest of storage's, never one from the future.
+
+    Calls from several supervisors can overtake each other: an older residual that arrives
+    after a newer one was applied is stale, and skipped. Staleness lasts ``WINDOW_S`` from
+    the last applied residual, longer than any residual spends on its way (at most a call
+    to storage and one to the agent, 1 s each): after that any residual applies, so that a
+    forged stamp from the future of storage's clock blocks real ones for that long at most.
+    A residual stamped later than now on this host's own clock is refused: no storage wrote
+    it. One without a stamp (farm-ng's original supervisor) always applies.
+    """
+
+    WINDOW_S = 2.0
+    # Clock readings of two processes on one host, taken a moment apart, may cross by this much.
+    FUTURE_TOLERANCE_S = 0.01
+
+    def __init__(self, local_clock: str | None = None) -> None:
+        """Filters for an agent whose host's monotonic clock is ``local_clock`` (this host's by default)."""
+        self.local_clock = local_clock or f"{get_host_name()}/monotonic"
+        self._last: tuple[int, str, float] | None = None
+        self._last_applied = 0.0
+
+    def verdict(self, stamp: Timestamp | None, now: float) -> str:
+        """``"apply"``, ``"stale"`` or ``"future"`` for a residual arriving at ``now`` (monotonic).
+
+        An applied one becomes the newest.
+        """
+        if stamp is None:
+            return "apply"
+        if same_host_clock(stamp, self.local_clock) and stamp.stamp > now + self.FUTURE_TOLERANCE_S:
+            return "future"
+        key = order_key(stamp)
+        if self._last is not None and key <= self._last and now - self._last_applied < self.WINDOW_S:
+            return "stale"
+        self._last, self._last_applied = key, now
+        return "apply"
+
+
+class PauseView:
+    """What a supervisor knows of whether one of its agents is paused.
+
+    The agent's own word (its ``/pauses``) when it gives one; for an agent that never does
+    (farm-ng's original), the last residual delivered to it, which it applies as it comes.
+    """
+
+    def __init__(self) -> None:
+        self.reported: bool | None = None  # the last /pauses; None until one comes
+        self.delivered: int | None = None  # the last residual delivered; None until one is
+
+    def may_be_paused(self) -> bool:
+        """Whether a wake-up could be needed: paused, or not known to be publishing."""
+        if self.reported is not None:
+            return self.reported
+        return self.delivered is None or self.delivered <= 0
+
+
+class Outbox:
+    """What a supervisor has to tell one agent: one call at a time, the newest residual next.
+
+    An agent needs the room left now, not each step on the way: a residual that comes while
+    a call to the agent is under way waits, and a newer one replaces it (``superseded``
+    counts those). So a slow or silent agent holds one call, never its siblings' turn.
+    """
+
+    def __init__(self) -> None:
+        self.pauses = PauseView()
+        self.waiting: tuple[int, list[Timestamp], bool] | None = None  # value, stamps, whether a wake-up
+        self.calling = False
+        self.superseded = 0
+
+    def tell(self, residual: int, stamps: list[Timestamp], wake_up: bool = False) -> None:
+        """Queues ``residual`` for the agent, unless a newer one waits (by storage's stamp; of two equal, the later)."""
+        if self.waiting is not None:
+            self.superseded += 1
+            if _newness(stamps) < _newness(self.waiting[1]):
+                return
+        self.waiting = (residual, stamps, wake_up)
+
+    def take(self) -> tuple[int, list[Timestamp], bool] | None:
+        """The residual to send now, if any and no call is under way; the call is then under way."""
+        if self.calling or self.waiting is None:
+            return None
+        taken, self.waiting = self.waiting, None
+        self.calling = True
+        return taken
+
+    def done(self, delivered: int | None) -> None:
+        """The call ended: ``delivered`` is the residual it delivered, None if it failed."""
+        self.calling = False
+        if delivered is not None:
+            self.pauses.delivered = delivered
+
+    def may_need_waking(self) -> bool:
+        """Whether storage's room should go to this agent: nothing on its way to it, and it may be paused."""
+        return not self.calling and self.waiting is None and self.pauses.may_be_paused()
+
+
+def _newness(stamps: list[Timestamp]) -> tuple[Any, ...]:
+    stamp = next((stamp for stamp in stamps if stamp.semantics == RESIDUAL_TIME), None)
+    return order_key(stamp) if stamp is not None else ()
