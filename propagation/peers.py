@@ -7,13 +7,15 @@ take what ``EventClient``'s take; what differs is underneath:
   every call and every received message: its ready check awaits a coroutine that
   returns None);
 - every call bounded by ``timeout`` (``EventClient`` waits without bound for a peer
-  that is down); a failed call raises ``PeerUnavailable``;
+  that is down), and sent only on a ready connection; a failed call raises
+  ``PeerUnavailable``, which says whether the peer may have had it;
 - replies and events decoded by their path (``wire``), never by the type the peer
   names; anything else is refused and counted;
-- liveness: a subscription silent for ``LIVENESS_S``, or a call that missed its
-  deadline, makes the client ask the peer for its URIs; if that goes unanswered too,
-  the connection is dropped and a new one made, so that a peer on a host that
-  vanished (no reset, no FIN) is noticed in seconds, not when TCP gives up;
+- liveness: when nothing has come on the connection for ``LIVENESS_S`` and a
+  subscription is silent, or a call missed its deadline, the client asks the peer for
+  its URIs; if that goes unanswered too, the connection is dropped and a new one made,
+  so that a peer on a host that vanished (no reset, no FIN) is noticed in seconds, not
+  when TCP gives up, while a slow link that still delivers is left alone;
 - one log line when a peer goes, one when it is back.
 
 It is built from farm-ng-core's public pieces (its stub, ``make_proto_uri``, its stamps)
@@ -25,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
 
 import grpc
@@ -137,6 +140,11 @@ class _Connection:
         self.stub = EventServiceStub(self.channel)
         self._calls = 0
         self._retired = False
+        self.heard = -LIVENESS_S  # when something last came from the peer on it (monotonic)
+
+    def lively(self) -> bool:
+        """Whether something came on it in the last ``LIVENESS_S``: a slow link is not a dead one."""
+        return time.monotonic() - self.heard < LIVENESS_S
 
     @contextlib.asynccontextmanager
     async def call(self) -> AsyncIterator[EventServiceStub]:
@@ -267,6 +275,7 @@ class PeerClient:
         if failure is not None:
             await self._call_failed(failure, connection)
             raise PeerUnavailable(self.config.name, sent=True)
+        connection.heard = time.monotonic()
         self._mark_up(connection)
         reply.event.timestamps.append(get_monotonic_now(semantics=StampSemantics.CLIENT_RECEIVE))
         if not decode:
@@ -344,9 +353,9 @@ class PeerClient:
     async def _next_reply(self, call: Any, connection: _Connection) -> Any:
         """The stream's next reply; None if it ended or the peer no longer answers.
 
-        A subscription may be silent for good reasons (storage publishes /residual only
-        after a drain): silence makes the client check that the peer answers at all, on
-        the same connection.
+        A subscription may be silent for good reasons (a paused agent publishes no
+        samples): silence, with nothing else coming on the connection either, makes the
+        client check that the peer answers at all, on the same connection.
         """
         reading = asyncio.ensure_future(call.read())
         try:
@@ -354,7 +363,10 @@ class PeerClient:
                 done, _ = await asyncio.wait([reading], timeout=LIVENESS_S)
                 if done:
                     reply = reading.result()
+                    connection.heard = time.monotonic()
                     return None if reply is grpc.aio.EOF else reply
+                if connection.lively():
+                    continue
                 if not await self.probe(connection):
                     self._mark_down(connection, "no answer")
                     await self._replace(connection)
@@ -371,19 +383,19 @@ class PeerClient:
                 await stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel was closed
             return False
+        connection.heard = time.monotonic()
         return True
 
     async def _call_failed(self, exc: grpc.aio.AioRpcError, connection: _Connection) -> None:
-        self._mark_down(connection, _rpc_reason(exc))
-        # A missed deadline on a connection that looks fine: packets may be vanishing.
-        # Unless the peer answers a probe, a new connection replaces it; calls would
-        # otherwise queue behind the dead one. One already replaced (by another call
-        # that failed first) may be closed: nothing to check.
-        if (
-            exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            and connection is self._connection
-            and not await self.probe(connection)
-        ):
+        # A missed deadline on a connection that looks fine: packets may be vanishing, or
+        # the link is slow. If nothing came on it lately and the peer does not answer a
+        # probe, a new connection replaces it (calls would otherwise queue behind the dead
+        # one); while things arrive, however slowly, it is live. One already replaced (by
+        # another call that failed first) may be closed: nothing to check.
+        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._mark_down(connection, _rpc_reason(exc))
+        elif connection is self._connection and not connection.lively() and not await self.probe(connection):
+            self._mark_down(connection, _rpc_reason(exc))
             await self._replace(connection)
 
     def _decode_event(self, reply: Any) -> Message | bytes | None:
