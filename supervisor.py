@@ -47,6 +47,7 @@ from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
 from propagation.config import is_loopback, service_name_in
+from propagation.logs import Tally
 from propagation.peers import PeerClient, PeerUnavailable, fresh_stream_options
 from propagation.relaying import AgentLink, Freshness, SampleQueue, SupervisorCounts, batch_residuals, store_outcome
 from propagation.serving import create_server, serve
@@ -177,9 +178,11 @@ class Supervisor:
         """
         request = SubscribeRequest(uri=Uri(path="/residual", query="service_name=storage"), every_n=1)
         last = 0.0
+        flood = Tally(self.service.logger)
         async for event, residual in self.storage.subscribe(request, decode=True):
             if time.monotonic() - last < MIN_RESIDUAL_GAP_S:
                 self.counts.residuals_skipped += 1
+                flood.add("skipped %d /residual events that came too soon after the last: only the newest matters")
                 continue
             last = time.monotonic()
             if isinstance(residual, Int32Value) and residual.value > 0:

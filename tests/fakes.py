@@ -7,7 +7,10 @@ and ``EventClient``, no extra paths or timestamps. Our scripts must work beside 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from pathlib import Path
+from typing import Callable, Iterator
 from urllib.parse import parse_qs
 
 import grpc
@@ -107,3 +110,62 @@ async def plain_supervisor(config: Path, name: str, confidence: float) -> None:
 
     own = next(entry for entry in config_list.configs if entry.name == name)
     await asyncio.gather(*(relay(subscription) for subscription in own.subscriptions))
+
+
+class SlowAgent(PlainService):
+    """An agent that publishes samples above any confidence and answers ``/update_residual``
+    late (after ``answer_after`` seconds) or never (None)."""
+
+    def __init__(self, config: Path, name: str, answer_after: float | None) -> None:
+        super().__init__(config, name)
+        self.answer_after = answer_after
+        self.calls = 0
+
+    async def on_request(self, event: Event, message: Message) -> Message:
+        self.calls += 1
+        if self.answer_after is None:
+            await asyncio.Event().wait()  # never
+        await asyncio.sleep(self.answer_after)  # readiness-free: the slowness itself
+        return Empty()
+
+    async def publish_until(self, stop: threading.Event, rate: float) -> None:
+        while not stop.is_set():
+            await self.service.publish("/sample", sample(0.99))
+            await asyncio.sleep(1 / rate)  # readiness-free: its publish rate
+
+
+@contextlib.contextmanager
+def serving_in_thread(fake: Callable[[], PlainService], rate: float) -> Iterator[None]:
+    """Serves ``fake()`` in a thread of its own, publishing at ``rate``, until the block ends."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    async def main() -> None:
+        async with fake() as service:
+            await service.publish_until(stop, rate)  # type: ignore[attr-defined]
+
+    def run() -> None:
+        try:
+            asyncio.run(main())
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
+        assert not errors, errors
+
+
+class FloodingStorage(PlainStorage):
+    """A storage that publishes ``/residual`` as fast as it can (or at ``rate``)."""
+
+    async def publish_until(self, stop: threading.Event, rate: float) -> None:
+        residual = Int32Value(value=5)
+        while not stop.is_set():
+            for _ in range(int(rate / 100)):
+                await self.service.publish("/residual", residual)
+            await asyncio.sleep(0.01)  # readiness-free: its publish rate, in bursts

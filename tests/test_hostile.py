@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator
 import grpc
 import psutil
 import pytest
+from fakes import FloodingStorage, PlainStorage, SlowAgent, serving_in_thread
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service_pb2 import ListUrisReply, RequestReplyReply, SubscribeReply, SubscribeRequest
 from farm_ng.core.event_service_pb2_grpc import (
@@ -36,6 +37,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 from helpers import (
     ROOT,
+    STARTUP_TIMEOUT_S,
     WAIT_TIMEOUT_S,
     Process,
     Services,
@@ -44,12 +46,14 @@ from helpers import (
     port_of,
     raw_request,
     request,
+    service_config,
     stats,
     write_config,
 )
 
 from propagation import wire
 from propagation.config import check_port_free, read_config
+from propagation.peers import PeerClient
 from propagation.wire import RESIDUAL_TIME
 
 INT32 = "type=google.protobuf.Int32Value&pb=google/protobuf/wrappers.proto"
@@ -405,3 +409,127 @@ def test_a_paused_agent_stuck_by_a_forged_residual_wakes_up(services: Services, 
     agent.wait_for(r"^Remainder: [1-9]\d*$", timeout=15, start=start)
     agent.wait_for(r"^Published sample", timeout=5, start=len(agent.lines))
     assert running["supervisor-2"].popen.poll() is None
+
+
+# ---------------------------------------------------------------------------------
+# Forged, slow and out-of-range peers
+
+
+@pytest.mark.parametrize("answer_after", [0.95, None], ids=["late", "never"])
+def test_a_slow_agent_costs_its_sibling_nothing(services: Services, tmp_path: Path, answer_after: float | None) -> None:
+    # agent-2 answers /update_residual late or never, and publishes 100 samples a second
+    # above confidence: each residual for it holds one call to it, never a relay.
+    config = write_config(tmp_path, {"agent-1": {"args": ["rate=50", "num_tasks=1"]}})
+    services.service(config, "storage")
+    agent = services.service(config, "agent-1")
+    with serving_in_thread(lambda: SlowAgent(config, "agent-2", answer_after), rate=100):
+        supervisor = services.service(config, "supervisor-1")
+        supervisor.wait_for(r"^agent-2 is up at ")
+        first, first_read = stats(config, "agent-1"), time.monotonic()
+        time.sleep(5)  # readiness-free: the window measured
+        last, relayed = stats(config, "agent-1"), stats(config, "supervisor-1")
+    heard = (last["residuals"] - first["residuals"]) / (time.monotonic() - first_read)
+    sent = (last["published"] - first["published"]) / (time.monotonic() - first_read)
+    # About three quarters of agent-1's 50 samples a second are above confidence 0.25.
+    assert heard > 0.5 * 0.75 * sent, (first, last, relayed)
+    assert relayed["superseded"] > 0  # agent-2's residuals waited and were replaced, not queued
+    p99 = last.get("latency_p99_ms")
+    print(f"agent-1 beside a slow agent-2: {heard:.0f} residuals/s for {sent:.0f} samples/s, latency p99 {p99} ms")
+    assert "Traceback" not in agent.output + supervisor.output
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("unshare"), reason="a host name of its own needs root and unshare"
+)
+def test_a_forged_residual_from_storages_future_is_outlived(services: Services, tmp_path: Path) -> None:
+    # The agent on another host cannot tell a stamp from storage's future. A forged 10^9
+    # stamped far ahead: real residuals are stale for 2 s at most, then it pauses again when
+    # storage is full, as before.
+    config = write_config(tmp_path, {"storage": {"args": ["max_storage=20", "batch_size=20", "drain_period=1"]}})
+    services.system(config, ["storage", "supervisor-2"])
+    argv = [sys.executable, str(ROOT / "agent.py"), "--service-config", str(config), "--service-name", "agent-3"]
+    agent = Process("agent-3", ["unshare", "--uts", "sh", "-c", 'hostname agent-host && exec "$@"', "sh", *argv])
+    services.started.append(agent)
+    agent.wait_for(r"^Remainder: 0$", timeout=STARTUP_TIMEOUT_S)
+    ((event, _),) = collect(config, "storage", "/residual", 1)
+    storage_clock = wire.find_stamp(event, RESIDUAL_TIME).clock_name  # what anyone can read off /residual
+    forged = Timestamp(stamp=1e12, clock_name=storage_clock, semantics=RESIDUAL_TIME)
+    start = len(agent.lines)
+    request(config, "agent-3", "/update_residual", Int32Value(value=10**9), timestamps=[forged])
+    agent.wait_for(r"^Remainder: 1000000000$", start=start)
+    paused = agent.wait_for(r"^Remainder: 0$", start=start + 1)
+    figures = stats(config, "agent-3")
+    assert figures["stale_residuals"] > 0, figures
+    assert paused is not None
+
+
+def test_a_negative_residual_from_storage_is_no_room(services: Services, tmp_path: Path) -> None:
+    # farm-ng's original storage counts on past its maximum: -5 means no room, not "-5".
+    config = write_config(tmp_path, {"supervisor-2": {"args": ["confidence=0", "max_batch=1"]}})
+    agent = services.service(config, "agent-3")
+
+    async def scenario() -> dict[str, Any]:
+        async with PlainStorage(config, "storage", max_storage=-4):
+            supervisor = services.service(config, "supervisor-2")
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(None, agent.wait_for, r"^Remainder: 0$", WAIT_TIMEOUT_S)
+            await loop.run_in_executor(None, supervisor.wait_for, r"^Residual: value: 0$", WAIT_TIMEOUT_S)
+            return await loop.run_in_executor(None, stats, config, "supervisor-2")
+
+    figures = asyncio.run(scenario())
+    assert figures["negative_residuals"] > 0, figures
+    assert agent.count(r"^Remainder: -") == 0, agent.output
+
+
+def test_a_flood_of_residuals_is_not_a_flood_of_pauses(services: Services, tmp_path: Path) -> None:
+    # Anyone can send /update_residual: alternating 0 and 2^31-1 as fast as it goes, the
+    # agent pauses and resumes each time (counted), but publishes /pauses at most 20 times a
+    # second, and keeps serving.
+    config = write_config(tmp_path, {"agent-3": {"log_level": "WARNING"}})
+    services.service(config, "agent-3", wait=False)
+    stats(config, "agent-3")  # serving
+
+    async def flood() -> tuple[int, float]:
+        client = PeerClient(service_config(config, "agent-3"), "test", timeout=5.0)
+        request = SubscribeRequest(uri=Uri(path="/pauses", query="service_name=agent-3"), every_n=1)
+        heard = 0
+
+        async def listen() -> None:
+            nonlocal heard
+            async for _ in client.subscribe(request, decode=True):
+                heard += 1
+
+        listening = asyncio.ensure_future(listen())
+        started = time.monotonic()
+        try:
+            for value in itertools.islice(itertools.cycle([0, 2**31 - 1]), 2000):
+                await client.request_reply("/update_residual", Int32Value(value=value))
+        finally:
+            seconds = time.monotonic() - started
+            listening.cancel()
+            await asyncio.gather(listening, return_exceptions=True)
+            await client.close()
+        return heard, seconds
+
+    heard, seconds = asyncio.run(flood())
+    figures = stats(config, "agent-3")
+    assert figures["pauses"] == 1000 and figures["resumes"] == 1000, figures
+    assert heard <= 20 * seconds + 3, (heard, seconds)  # coalesced, plus the latched one and the periodic
+
+
+def test_a_storage_flooding_its_residual_is_skipped_and_said_once(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"supervisor-2": {"args": ["confidence=0"]}})
+    services.service(config, "agent-3")
+    with serving_in_thread(lambda: FloodingStorage(config, "storage", max_storage=10**6), rate=2000):
+        supervisor = services.service(config, "supervisor-2")
+        supervisor.wait_for(r"skipped \d+ /residual events")
+        process = psutil.Process(supervisor.popen.pid)
+        before, started = sum(process.cpu_times()[:2]), time.monotonic()
+        figures = stats(config, "supervisor-2")
+        time.sleep(3)  # readiness-free: the window measured
+        later = stats(config, "supervisor-2")
+        cpu = (sum(process.cpu_times()[:2]) - before) / (time.monotonic() - started)
+    assert later["residuals_skipped"] > figures["residuals_skipped"] > 0
+    assert later["stored"] > figures["stored"]  # it still relays
+    assert supervisor.count(r"skipped \d+ /residual events") <= 2, supervisor.output
+    print(f"supervisor beside a storage flooding /residual: {cpu:.0%} CPU")
