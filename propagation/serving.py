@@ -35,20 +35,37 @@ __all__ = ["MAX_MESSAGE_BYTES", "SERVER_OPTIONS", "STOP_GRACE_S", "create_server
 STOP_GRACE_S = 0.5
 # Every message of this contract is well under a kilobyte; gRPC's default is 4 MiB.
 MAX_MESSAGE_BYTES = 64 * 1024
+# The options against a stranger's abuse are listed in the README (Security).
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     # gRPC on Linux sets SO_REUSEPORT: a second server on a used port would start
     # silently and share the traffic.
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Calls at once on one connection (unlimited by default). It bounds HTTP/2 rapid
+    # reset: streams opened and reset at once keep counting until the server is done with
+    # them (gRPC's overload protection), instead of piling up work without bound (one
+    # connection took an agent to 1.8 GB and 23 s without an answer). gRPC's client does
+    # not wait for a free stream beyond it: the calls beyond fail (UNAVAILABLE). A
+    # supervisor's connection carries at most 64 relays (max_in_flight), its wake-ups,
+    # a subscription and a probe.
+    ("grpc.max_concurrent_streams", 256),
+    # No compressed messages (identity only): the message limit is checked after
+    # inflating, so 50 KB of gzip would be inflated to 50 MB before being refused.
+    # Refused with UNIMPLEMENTED, before inflating; no client of this example compresses.
+    ("grpc.compression_enabled_algorithms_bitset", 1),
+    # A connection that does not open HTTP/2 (preface and SETTINGS) within 5 s is closed
+    # (default: a minute or two, each holding a file descriptor).
+    ("grpc.server_handshake_timeout_ms", 5_000),
     # A client whose host vanished (no FIN, no reset) is noticed within
     # keepalive_time + keepalive_timeout, and its subscriptions end.
     ("grpc.keepalive_time_ms", 2_000),
     ("grpc.keepalive_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    # Our clients ping too (see peers.py): accept a ping a second, without strikes.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    # Clients may ping as often as they like (no strikes, no GOAWAY): gRPC answers a
+    # ping flood cheaply (1.2 million pings in 5 s cost an agent 0.5 s of CPU).
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_ping_strikes", 0),
 )
 STATS_PERIOD_S = 1.0

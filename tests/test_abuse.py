@@ -1,0 +1,180 @@
+"""A stranger on the network: HTTP/2 abuse, compressed bombs, crowds of unread subscribers.
+
+Each case is what a program that can reach a port could do with hand-made HTTP/2 frames
+(``raw_http2``) or gRPC's own client, never with a farm-ng-core client in between. The
+service must bound what it costs (memory, time without answering) and go on serving its
+peers: the other agents' residuals keep coming.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from farm_ng.core.event_pb2 import Event
+from farm_ng.core.event_service_pb2 import ListUrisRequest, RequestReplyRequest
+from farm_ng.core.event_service_pb2_grpc import EventServiceStub
+from farm_ng.core.uri_pb2 import Uri
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.wrappers_pb2 import Int32Value
+from helpers import WAIT_TIMEOUT_S, Process, Services, port_of, requests, stats, write_config
+from raw_http2 import REQUEST_REPLY, RawConnection, grpc_message
+
+INT32 = "type=google.protobuf.Int32Value&pb=google/protobuf/wrappers.proto"
+# Longer than a loaded machine keeps a service from answering; far shorter than an
+# agent flooded by rapid reset took to answer again before streams were capped (23 s).
+STALL_BOUND_S = 10.0
+
+
+class Watch:
+    """Samples a service's memory and asks it for its URIs every 0.1 s, in a thread of its own."""
+
+    def __init__(self, process: Process, port: int) -> None:
+        self._process = psutil.Process(process.popen.pid)
+        self._port = port
+        self.start_mb = self.peak_mb = self._rss_mb()
+        self.longest_silence_s = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
+        self._thread.start()
+
+    def _rss_mb(self) -> float:
+        return self._process.memory_info().rss / 2**20
+
+    async def _run(self) -> None:
+        async with grpc.aio.insecure_channel(f"localhost:{self._port}") as channel:
+            stub = EventServiceStub(channel)
+            answered = time.monotonic()
+            while not self._stop.is_set():
+                self.peak_mb = max(self.peak_mb, self._rss_mb())
+                try:
+                    await stub.listUris(ListUrisRequest(), timeout=1.0)
+                    answered = time.monotonic()
+                except grpc.aio.AioRpcError:
+                    self.longest_silence_s = max(self.longest_silence_s, time.monotonic() - answered)
+                await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(WAIT_TIMEOUT_S)
+
+    def __str__(self) -> str:
+        return f"RSS {self.start_mb:.0f} MB, peak {self.peak_mb:.0f} MB; longest silence {self.longest_silence_s:.1f} s"
+
+
+def residual_request(value: int) -> bytes:
+    """A valid ``/update_residual`` request, as the payload of a gRPC message."""
+    event = Event(uri=Uri(scheme="protobuf", path="/update_residual", query=INT32))
+    return RequestReplyRequest(event=event, payload=Int32Value(value=value).SerializeToString()).SerializeToString()
+
+
+@pytest.mark.xdist_group("cpu")
+def test_rapid_reset_is_bounded_and_the_other_agents_go_on(services: Services, tmp_path: Path) -> None:
+    # HTTP/2 rapid reset (CVE-2023-44487): streams opened and reset at once, as fast as one
+    # connection takes them. Without a cap on streams an agent grew to 1.8 GB and did not
+    # answer for 23 s; agent-2's residuals fell from 38 to 5 a second.
+    config = write_config(tmp_path, {"storage": {"args": ["max_storage=1000000", "batch_size=10"]}})
+    running = services.system(config, ["storage", "supervisor-1", "agent-1", "agent-2"])
+    running["agent-2"].wait_for(r"^Remainder: \d+$")
+    watch = Watch(running["agent-1"], port_of(config, "agent-1"))
+    before = stats(config, "agent-2")
+    attacker = RawConnection(port_of(config, "agent-1"))
+    streams = 0
+    try:
+        message = grpc_message(residual_request(400))
+        started = time.monotonic()
+        while time.monotonic() - started < 5.0:
+            attacker.send(b"".join(attacker.call_frames(REQUEST_REPLY, message, reset=True) for _ in range(100)))
+            streams += 100
+    finally:
+        attacker.close()
+        watch.stop()
+    after = stats(config, "agent-2")
+    print(f"{streams} streams opened and reset; agent-1: {watch}")
+    assert watch.peak_mb - watch.start_mb < 200, str(watch)
+    assert watch.longest_silence_s < STALL_BOUND_S, str(watch)
+    assert after["residuals"] > before["residuals"], (before, after)
+    stats(config, "agent-1")  # serving still
+
+
+def test_many_calls_at_once_on_one_connection_all_succeed(services: Services, tmp_path: Path) -> None:
+    # Streams are capped per connection, well above what a peer of the config opens: a
+    # supervisor carries up to 64 relays at once, with its wake-ups and a subscription.
+    config = write_config(tmp_path, {"storage": {"args": ["max_storage=1000000", "batch_size=1000000"]}})
+    services.service(config, "storage")
+    replies = requests(config, "storage", "/update_storage", [Empty()] * 200)
+    assert sorted(reply.value for reply in replies) == list(range(1_000_000 - 200, 1_000_000))
+
+
+def test_a_supervisor_at_its_widest_relays(services: Services, tmp_path: Path) -> None:
+    config = write_config(
+        tmp_path,
+        {
+            "storage": {"args": ["max_storage=1000000", "batch_size=10"]},
+            "supervisor-2": {"args": ["confidence=0", "max_in_flight=64", "max_batch=1"]},
+            "agent-3": {"args": ["rate=500", "num_tasks=2"]},
+        },
+    )
+    running = services.system(config, ["storage", "supervisor-2", "agent-3"])
+    running["agent-3"].wait_for(r"^Remainder: \d+$")
+    first = stats(config, "supervisor-2")
+    last = stats(config, "supervisor-2", fresh=4)
+    assert last["stored"] > first["stored"], (first, last)
+    assert last["not_stored"] == first["not_stored"], (first, last)
+
+
+def test_compressed_bombs_are_refused_before_they_are_inflated(services: Services, tmp_path: Path) -> None:
+    # 50 MB of zeros is 50 KB of gzip. gRPC checks the message limit after inflating: 32 of
+    # them took an agent's memory up by 50 MB and seconds of CPU before each was refused.
+    config = write_config(tmp_path)
+    agent = services.service(config, "agent-3")
+    port = port_of(config, "agent-3")
+    bomb = gzip.compress(RequestReplyRequest(payload=bytes(50_000_000)).SerializeToString())
+    process = psutil.Process(agent.popen.pid)
+    cpu_before = sum(process.cpu_times()[:2])
+    rss_before = process.memory_info().rss / 2**20
+    attacker = RawConnection(port)
+    try:
+        for _ in range(32):  # within HTTP/2 flow control: bombs, not a protocol error
+            attacker.call(REQUEST_REPLY, grpc_message(bomb, compressed=True), encoding="gzip")
+        assert attacker.wait_for(lambda: len(attacker.refused()) == 32, WAIT_TIMEOUT_S), attacker.first_headers
+    finally:
+        attacker.close()
+    cpu_used = sum(process.cpu_times()[:2]) - cpu_before
+    growth = process.memory_info().rss / 2**20 - rss_before
+    print(f"32 bombs: agent-3 used {cpu_used:.2f} s of CPU, RSS grew {growth:.0f} MB")
+    assert cpu_used < 1.0
+    assert growth < 20
+
+    async def one_bomb_through_grpc() -> tuple[str, str]:
+        async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
+            stub = EventServiceStub(channel)
+            try:
+                await stub.requestReply(
+                    RequestReplyRequest(payload=bytes(1_000_000)), compression=grpc.Compression.Gzip
+                )
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name, exc.details() or ""
+        return "OK", ""
+
+    code, details = asyncio.run(one_bomb_through_grpc())
+    assert code == "UNIMPLEMENTED" and "gzip" in details, (code, details)
+    stats(config, "agent-3")  # serving still
+
+
+def test_a_connection_that_never_speaks_http2_is_closed(services: Services, tmp_path: Path) -> None:
+    # Each such connection holds a file descriptor: gRPC's default let it for minutes.
+    config = write_config(tmp_path)
+    services.service(config, "agent-3")
+    with socket.create_connection(("127.0.0.1", port_of(config, "agent-3")), timeout=WAIT_TIMEOUT_S) as idle:
+        started = time.monotonic()
+        while idle.recv(1024):  # the server's SETTINGS, then the close (a timeout would raise)
+            pass
+        print(f"closed after {time.monotonic() - started:.1f} s")
