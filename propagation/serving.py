@@ -15,18 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Sequence
 
 import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 from google.protobuf.struct_pb2 import Struct
 
 from propagation.config import ConfigError, check_port_free, is_loopback
-from propagation.guard import REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS, PathGuard
+from propagation.guard import COUNTERS, PathGuard, addresses_of
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service import EventServiceGrpc
 
+    from propagation.config import Entry
     from propagation.wire import Contract
 
 __all__ = ["MAX_MESSAGE_BYTES", "SERVER_OPTIONS", "STOP_GRACE_S", "create_server", "grpc_address", "serve"]
@@ -76,13 +77,20 @@ STATS_PERIOD_S = 1.0
 NETWORK_SUBSCRIBER_QUEUE = 3
 
 
-def create_server(contract: Contract) -> grpc.aio.Server:
+def create_server(contract: Contract, peers: Iterable[Entry] = ()) -> grpc.aio.Server:
     """A ``grpc.aio`` server with this example's limits, guarding ``contract``.
 
     Must run inside the event loop: grpc.aio binds the server to the running loop (made
     before it, it fails on Python 3.12 with "attached to a different loop").
+
+    Args:
+        contract: What the role serves and publishes.
+        peers: The config's entries (``spec.entries``): subscribers on their hosts have
+            slots that strangers cannot take. Without them only loopback has.
+
     """
-    return grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=[PathGuard(contract)])
+    trusted = addresses_of(entry.host for entry in peers if entry.host)
+    return grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=[PathGuard(contract, trusted)])
 
 
 async def serve(
@@ -152,7 +160,7 @@ async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[st
     while True:
         message = Struct()
         message.update(figures())
-        message.update({key: metrics.get(key) for key in (REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS)})
+        message.update({key: metrics.get(key) for key in COUNTERS})
         await service.publish("/stats", message, latch=True)
         await asyncio.sleep(STATS_PERIOD_S)
 

@@ -19,13 +19,15 @@ import grpc
 import psutil
 import pytest
 from farm_ng.core.event_pb2 import Event
-from farm_ng.core.event_service_pb2 import ListUrisRequest, RequestReplyRequest
+from farm_ng.core.event_service_pb2 import ListUrisRequest, RequestReplyRequest, SubscribeRequest
 from farm_ng.core.event_service_pb2_grpc import EventServiceStub
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import Int32Value
-from helpers import WAIT_TIMEOUT_S, Process, Services, port_of, requests, stats, write_config
-from raw_http2 import REQUEST_REPLY, RawConnection, grpc_message
+from helpers import STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Process, Services, port_of, requests, stats, write_config
+from raw_http2 import REQUEST_REPLY, SUBSCRIBE, RawConnection, grpc_message
+
+from propagation.guard import STRANGER_SUBSCRIBERS, STRANGER_SUBSCRIBERS_EACH, address_of_peer
 
 INT32 = "type=google.protobuf.Int32Value&pb=google/protobuf/wrappers.proto"
 # Longer than a loaded machine keeps a service from answering; far shorter than an
@@ -67,6 +69,21 @@ class Watch:
 
     def __str__(self) -> str:
         return f"RSS {self.start_mb:.0f} MB, peak {self.peak_mb:.0f} MB; longest silence {self.longest_silence_s:.1f} s"
+
+
+def can_connect_from(source: str) -> bool:
+    """Whether this machine lets a socket bind ``source`` (127.0.0.0/8 on Linux)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((source, 0))
+        except OSError:
+            return False
+    return True
+
+
+needs_other_loopback = pytest.mark.skipif(
+    not can_connect_from("127.0.0.2"), reason="needs loopback addresses besides 127.0.0.1 (Linux has 127.0.0.0/8)"
+)
 
 
 def residual_request(value: int) -> bytes:
@@ -178,3 +195,84 @@ def test_a_connection_that_never_speaks_http2_is_closed(services: Services, tmp_
         while idle.recv(1024):  # the server's SETTINGS, then the close (a timeout would raise)
             pass
         print(f"closed after {time.monotonic() - started:.1f} s")
+
+
+def test_unknown_methods_are_refused_and_counted(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    agent = services.service(config, "agent-3")
+    port = port_of(config, "agent-3")
+
+    async def call(method: str) -> str:
+        async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
+            try:
+                await channel.unary_unary(method)(b"", timeout=WAIT_TIMEOUT_S)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+        return "OK"
+
+    methods = ["/farm_ng.core.proto.EventService/publish", "/grpc.health.v1.Health/Check"] * 50
+    assert {asyncio.run(call(method)) for method in methods[:2]} == {"UNIMPLEMENTED"}
+
+    async def flood() -> None:
+        async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
+            for method in methods[2:]:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await channel.unary_unary(method)(b"", timeout=WAIT_TIMEOUT_S)
+
+    asyncio.run(flood())
+    assert stats(config, "agent-3")["refused_requests"] == 100
+    assert agent.count("methods this service does not have") <= 2, agent.output
+
+
+# ---------------------------------------------------------------------------------
+# Subscribers
+
+
+def subscribe_request(path: str, name: str) -> bytes:
+    return grpc_message(
+        SubscribeRequest(uri=Uri(path=path, query=f"service_name={name}"), every_n=1).SerializeToString()
+    )
+
+
+@needs_other_loopback
+@pytest.mark.xdist_group("cpu")
+def test_strangers_unread_streams_lock_no_service_out(services: Services, tmp_path: Path) -> None:
+    # Before: a stranger holding 32 unread /health streams shut out a supervisor that
+    # restarted, for as long as it held them. Here strangers on six addresses each ask for
+    # ten streams of agent-3's /sample (100 a second), never read a byte (a window of 0),
+    # and answer every ping; then supervisor-2 starts.
+    config = write_config(tmp_path)
+    running = services.system(config, ["storage", "agent-3"])
+    port = port_of(config, "agent-3")
+    watch = Watch(running["agent-3"], port)
+    strangers = [RawConnection(port, source=f"127.0.0.{host}", window=0) for host in range(2, 8)]
+    try:
+        for stranger in strangers:
+            for _ in range(10):
+                stranger.call(SUBSCRIBE, subscribe_request("/sample", "agent-3"))
+        for stranger in strangers:
+            assert stranger.wait_for(lambda s=stranger: len(s.first_headers) == 10, WAIT_TIMEOUT_S)
+        held = [len(stranger.open_streams()) for stranger in strangers]
+        assert sum(held) == STRANGER_SUBSCRIBERS, held
+        assert max(held) == STRANGER_SUBSCRIBERS_EACH, held
+        supervisor = services.service(config, "supervisor-2")
+        supervisor.wait_for(r"^Residual: value: \d+$", STARTUP_TIMEOUT_S)
+        start = len(running["agent-3"].lines)
+        time.sleep(10)  # readiness-free: the strangers hold their streams, unread, meanwhile
+        running["agent-3"].wait_for(r"^Remainder: \d+$", start=start, count=20)
+        figures = stats(config, "agent-3")
+    finally:
+        for stranger in strangers:
+            stranger.close()
+        watch.stop()
+    print(f"held by strangers: {held}; agent-3: {watch}")
+    assert figures["refused_subscriptions"] == 60 - STRANGER_SUBSCRIBERS
+    assert watch.peak_mb - watch.start_mb < 30, str(watch)
+    assert watch.longest_silence_s < STALL_BOUND_S, str(watch)
+
+
+def test_peer_addresses_as_grpc_names_them() -> None:
+    assert address_of_peer("ipv4:10.0.0.2:5000") == "10.0.0.2"
+    assert address_of_peer("ipv6:%5B::1%5D:5000") == "::1"
+    assert address_of_peer("ipv6:[::ffff:10.0.0.2]:5000") == "10.0.0.2"
+    assert address_of_peer("unix:/tmp/socket") == "unix:/tmp/socket"
