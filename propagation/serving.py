@@ -7,8 +7,9 @@
 
 ``serve`` does what farm-ng-core's ``EventServiceGrpc.serve()`` does, differently where
 it matters: it listens on the entry's host (``serve()`` binds ``[::]``, every network),
-refuses a port in use, publishes ``/stats`` beside ``/health``, and stops on Ctrl-C,
-SIGTERM or SIGHUP: the server first (calls in flight finish), then the tasks.
+refuses a port in use, publishes ``/stats`` beside ``/health``, sends gRPC's own stderr
+lines through the log's once-per-interval tally, and stops on Ctrl-C, SIGTERM or SIGHUP:
+the server first (calls in flight finish), then the tasks.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from propagation.config import ConfigError, check_port_free, is_loopback
 from propagation.guard import COUNTERS, PathGuard, addresses_of
+from propagation.logs import read_back_core_log
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service import EventServiceGrpc
@@ -127,27 +129,31 @@ async def serve(
         for task in tasks:
             task.close()
         raise
-    await service.server.start()
-    jobs = [asyncio.ensure_future(task) for task in tasks]
-    jobs.append(asyncio.ensure_future(service.publish_health_metrics()))
-    jobs.append(asyncio.ensure_future(publish_stats(service, stats or dict)))
-    service.logger.info("%s serving on %s", service.config.name, address)
+    undo_core_log = read_back_core_log(loop)
+    try:
+        await service.server.start()
+        jobs = [asyncio.ensure_future(task) for task in tasks]
+        jobs.append(asyncio.ensure_future(service.publish_health_metrics()))
+        jobs.append(asyncio.ensure_future(publish_stats(service, stats or dict)))
+        service.logger.info("%s serving on %s", service.config.name, address)
 
-    stopping = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait([stopping, *jobs], return_when=asyncio.FIRST_COMPLETED)
-    exit_code = 0
-    for job in done:
-        if job is not stopping:
-            why = "it was cancelled" if job.cancelled() else repr(job.exception())
-            service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
-            exit_code = 1
-    # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
-    # clean close. Cancelling the tasks first would make stop() raise CancelledError.
-    await service.server.stop(STOP_GRACE_S)
-    for job in [stopping, *jobs]:
-        job.cancel()
-    await asyncio.gather(stopping, *jobs, return_exceptions=True)
-    return exit_code
+        stopping = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([stopping, *jobs], return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 0
+        for job in done:
+            if job is not stopping:
+                why = "it was cancelled" if job.cancelled() else repr(job.exception())
+                service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
+                exit_code = 1
+        # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
+        # clean close. Cancelling the tasks first would make stop() raise CancelledError.
+        await service.server.stop(STOP_GRACE_S)
+        for job in [stopping, *jobs]:
+            job.cancel()
+        await asyncio.gather(stopping, *jobs, return_exceptions=True)
+        return exit_code
+    finally:
+        undo_core_log()
 
 
 async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[str, Any]]) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -24,7 +27,7 @@ from farm_ng.core.event_service_pb2_grpc import EventServiceStub
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import Int32Value
-from helpers import STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Process, Services, port_of, requests, stats, write_config
+from helpers import ROOT, STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Process, Services, port_of, requests, stats, write_config
 from raw_http2 import REQUEST_REPLY, SUBSCRIBE, RawConnection, grpc_message
 
 from propagation.guard import STRANGER_SUBSCRIBERS, STRANGER_SUBSCRIBERS_EACH, address_of_peer
@@ -276,3 +279,53 @@ def test_peer_addresses_as_grpc_names_them() -> None:
     assert address_of_peer("ipv6:%5B::1%5D:5000") == "::1"
     assert address_of_peer("ipv6:[::ffff:10.0.0.2]:5000") == "10.0.0.2"
     assert address_of_peer("unix:/tmp/socket") == "unix:/tmp/socket"
+
+
+# ---------------------------------------------------------------------------------
+# gRPC's own lines
+
+
+def test_grpc_core_lines_go_through_the_tally(services: Services, tmp_path: Path) -> None:
+    # Out of file descriptors, gRPC's core writes "File descriptor limit reached. Retrying."
+    # to stderr once a second, past Python's logging.
+    config = write_config(tmp_path)
+    argv = [sys.executable, str(ROOT / "agent.py"), "--service-config", str(config), "--service-name", "agent-3"]
+    agent = Process("agent-3", ["sh", "-c", 'ulimit -n 64 && exec "$@"', "sh", *argv])
+    services.started.append(agent)
+    agent.wait_for(r"^agent-3 serving on ", STARTUP_TIMEOUT_S)
+    crowd: list[socket.socket] = []
+    try:
+        while len(crowd) < 100:  # more than the agent may have open
+            crowd.append(socket.create_connection(("127.0.0.1", port_of(config, "agent-3")), timeout=5))
+        agent.wait_for(r"^WARNING: gRPC core, 1 time\(s\): File descriptor limit reached")
+        summary = agent.wait_for(
+            r"^WARNING: gRPC core, (\d+) time\(s\): File descriptor limit reached\. Retrying\. \(in the last 10 s\)$"
+        )
+    finally:
+        for connection in crowd:
+            connection.close()
+    assert int(summary.group(1)) >= 5  # about one a second
+    assert agent.count("File descriptor limit") == 2, agent.output
+    assert not [line for line in agent.lines if re.match(r"^E\d{4} ", line)], agent.output
+    first = stats(config, "agent-3")["published"]
+    assert stats(config, "agent-3", fresh=3)["published"] > first  # serving and publishing again
+
+
+def test_python_stderr_still_reaches_the_terminal() -> None:
+    # Tracebacks and warnings (sys.stderr) do not go through the reader thread: they
+    # must not wait for it, nor be lost when the process ends at once.
+    code = (
+        "import asyncio, sys, os\n"
+        "from propagation.logs import read_back_core_log\n"
+        "async def main():\n"
+        "    undo = read_back_core_log(asyncio.get_running_loop())\n"
+        "    print('from python', file=sys.stderr, flush=True)\n"
+        "    os.write(2, b'not a core line\\n')\n"
+        "    undo()\n"
+        "asyncio.run(main())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["from python", "not a core line"], result.stderr
