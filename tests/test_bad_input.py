@@ -150,3 +150,44 @@ def test_unused_portless_entry_is_ignored(services: Services, tmp_path: Path) ->
     data["configs"].append({"name": "record_default", "host": "localhost", "port": 0})
     config.write_text(json.dumps(data))
     services.service(config, "supervisor-1")
+
+
+# ---------------------------------------------------------------------------------
+# Config that passed the checks and crashed later (issue 16): one line, before gRPC loads.
+
+
+@pytest.mark.parametrize(
+    ("script", "name", "changes", "expected"),
+    [
+        # The service's own entry.
+        ("storage.py", "storage", {"storage": {"host": "agent..lan"}}, "has host 'agent..lan': it has an empty label"),
+        ("agent.py", "agent-1", {"agent-1": {"host": "127.1"}}, "not an IPv4 address as gRPC reads it"),
+        ("agent.py", "agent-1", {"agent-1": {"host": "2130706433"}}, "not an IPv4 address as gRPC reads it"),
+        # The peers a supervisor connects to: a UnicodeError traceback after gRPC loaded.
+        ("supervisor.py", "supervisor-1", {"agent-2": {"host": "."}}, "service 'agent-2' has host '.'"),
+        ("supervisor.py", "supervisor-1", {"storage": {"host": "unix"}}, "gRPC reads 'unix:"),
+        # Checked in one spelling, run with the other.
+        (
+            "storage.py",
+            "storage",
+            {"storage": {"log_level": "INFO", "logLevel": "LOUD"}},
+            "gives log_level twice, as 'log_level' and as 'logLevel'",
+        ),
+        (
+            "supervisor.py",
+            "supervisor-2",
+            {
+                "supervisor-2": {
+                    "subscriptions": [
+                        {"uri": {"path": "/sample", "query": "service_name=agent-3"}, "every_n": 4294967295}
+                    ]
+                }
+            },
+            "every_n 4294967295 must be in 0..1000",
+        ),
+    ],
+)
+def test_config_that_would_crash_later(
+    services: Services, tmp_path: Path, script: str, name: str, changes: dict[str, Any], expected: str
+) -> None:
+    fails_with(services, script, write_config(tmp_path, changes), name, expected)
