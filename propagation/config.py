@@ -36,6 +36,7 @@ __all__ = [
     "parse_args",
     "read_config",
     "role_of",
+    "script_role",
     "service_name_in",
 ]
 
@@ -138,13 +139,22 @@ class Entry:
 
 
 def role_of(entry: Entry) -> str | None:
-    """The role of an entry, by its name's prefix; None if it has no port or no role.
+    """The role of an entry, by its name's prefix in any case; None if it has no port or no role.
 
-    A config may hold entries of other programs (a recorder, say): they are not ours.
+    The one rule for which script runs an entry (``storage-2`` and ``Storage`` run under
+    storage.py). A config may hold entries of other programs (a recorder, say): they are
+    not ours.
     """
     if not entry.port:
         return None
-    return next((role for role in ROLES if entry.name.startswith(role)), None)
+    name = entry.name.lower()
+    return next((role for role in ROLES if name.startswith(role)), None)
+
+
+def script_role(script: str) -> str | None:
+    """The role a script runs (``agent.py`` runs agents); None for another program."""
+    name = os.path.basename(script)
+    return next((role for role in ROLES if name == f"{role}.py"), None)
 
 
 # ---------------------------------------------------------------------------------
@@ -395,18 +405,28 @@ def find_entry(entries: Sequence[Entry], name: str, path: str = "the config") ->
     raise ConfigError(msg)
 
 
-def check_entry(entry: Entry, entries: Sequence[Entry]) -> None:
-    """Checks that an entry can run as the service of its role, with the peers it needs.
+def check_entry(entry: Entry, entries: Sequence[Entry], role: str | None = None) -> None:
+    """Checks that an entry can run as a service of ``role``, with the peers it needs.
 
-    It must say where it listens; a supervisor's subscriptions must be ``/sample`` of
-    agents of the config, and the config must have a ``storage``.
+    ``role`` is the role of the script that runs it (``script_role``); an entry whose name
+    says another role is refused, naming the script that runs it. Without ``role``, the
+    entry's own. The entry must say where it listens; a supervisor's subscriptions must
+    be ``/sample`` of agents of the config, and the config must have a ``storage``: each
+    of those peers must say where it listens too.
 
     Raises:
         ConfigError: naming what is missing or wrong.
 
     """
+    if role is not None and entry.role not in (None, role):
+        article = "an" if entry.role == "agent" else "a"
+        msg = (
+            f"service {entry.name!r} is {article} {entry.role} (its name says so):"
+            f" run it with {entry.role}.py, not {role}.py"
+        )
+        raise ConfigError(msg)
     check_endpoint(entry)
-    if entry.role != "supervisor":
+    if (role or entry.role) != "supervisor":
         return
     for subscription in entry.subscriptions:
         agent = subscription.service_name

@@ -22,6 +22,8 @@ from propagation.config import (
     is_loopback,
     parse_args,
     read_config,
+    role_of,
+    script_role,
 )
 from storage import StorageArgs
 from supervisor import SupervisorArgs
@@ -226,6 +228,38 @@ def test_every_peer_a_supervisor_connects_to_is_checked(tmp_path: Path) -> None:
         entries = entries_of(tmp_path, broken)
         with pytest.raises(ConfigError, match=rf"service '{broken[index]['name']}' has host '{host}'"):
             check_entry(find_entry(entries, "supervisor-1"), entries)
+
+
+def test_the_script_decides_the_role_and_names_the_right_one(tmp_path: Path) -> None:
+    configs = [
+        *supervisor_with([subscription("/sample", "service_name=agent-1")]),
+        {"name": "relay-1", "host": "localhost", "port": 7002, "subscriptions": [subscription("/health", "")]},
+        {"name": "Storage-2", "host": "localhost", "port": 7011},
+    ]
+    entries = entries_of(tmp_path, configs)
+    storage = find_entry(entries, "storage")
+    with pytest.raises(
+        ConfigError,
+        match=r"^service 'storage' is a storage \(its name says so\): run it with storage.py, not agent.py$",
+    ):
+        check_entry(storage, entries, role="agent")
+    with pytest.raises(ConfigError, match=r"is an agent .*: run it with agent\.py, not supervisor\.py"):
+        check_entry(find_entry(entries, "agent-1"), entries, role="supervisor")
+    check_entry(storage, entries, role="storage")
+    # A name without a role's prefix runs under any script, checked as that script's role.
+    relay = find_entry(entries, "relay-1")
+    check_entry(relay, entries, role="agent")
+    with pytest.raises(ConfigError, match="must be /sample"):
+        check_entry(relay, entries, role="supervisor")
+    # One rule for the launcher and the scripts: the prefix, in any case.
+    assert [role_of(entry) for entry in entries] == ["agent", "supervisor", "storage", None, "storage"]
+    assert [script_role(path) for path in ("agent.py", "/x/storage.py", "supervisor.py", "monitor.py", "agent")] == [
+        "agent",
+        "storage",
+        "supervisor",
+        None,
+        None,
+    ]
 
 
 def test_a_config_farm_ng_core_cannot_parse_is_a_config_error() -> None:
