@@ -286,6 +286,9 @@ def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         once it has handed on the last lines (waiting ``CLOSE_WAIT_S`` at most).
 
     """
+    if sys.__stderr__ is None:
+        # Started without a stderr: file descriptor 2 may be any file opened since.
+        return lambda: None
     real = os.dup(2)
     python_stderr = sys.stderr
     sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, errors="backslashreplace")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -329,3 +330,17 @@ def test_python_stderr_still_reaches_the_terminal() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == ["from python", "not a core line"], result.stderr
+
+
+def test_a_service_started_without_stderr_serves(services: Services, tmp_path: Path) -> None:
+    # File descriptor 2 closed at start: the next file opened takes it (gRPC's own, say);
+    # reading "stderr" back must leave that one alone.
+    config = write_config(tmp_path)
+    argv = [sys.executable, str(ROOT / "agent.py"), "--service-config", str(config), "--service-name", "agent-3"]
+    agent = Process("agent-3", ["sh", "-c", 'exec "$@" 2>&-', "sh", *argv])
+    services.started.append(agent)
+    agent.wait_for(r"^agent-3 serving on ", STARTUP_TIMEOUT_S)
+    first = stats(config, "agent-3")["published"]
+    assert stats(config, "agent-3", fresh=3)["published"] > first
+    agent.signal(signal.SIGTERM)
+    assert agent.wait_exit(WAIT_TIMEOUT_S) == 0, agent.output
