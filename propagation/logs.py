@@ -291,7 +291,7 @@ def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
         return lambda: None
     real = os.dup(2)
     python_stderr = sys.stderr
-    sys.stderr = os.fdopen(os.dup(real), "w", buffering=1, errors="backslashreplace")
+    sys.stderr = direct = os.fdopen(os.dup(real), "w", buffering=1, errors="backslashreplace")
     read_end, write_end = os.pipe()
     os.dup2(write_end, 2)
     os.close(write_end)
@@ -302,9 +302,11 @@ def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     def undo() -> None:
         os.dup2(real, 2)  # the pipe's last writer is gone: the reader reads to the end
         reader.join(CLOSE_WAIT_S)
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.flush()
         sys.stderr = python_stderr
+        with contextlib.suppress(OSError, ValueError):
+            direct.close()
+        if not reader.is_alive():
+            os.close(real)
 
     return undo
 
