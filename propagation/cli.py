@@ -17,7 +17,16 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, NoReturn, Sequence, TypeVar
 
-from propagation.config import ConfigError, Entry, check_entry, check_port_free, find_entry, parse_args, read_config
+from propagation.config import (
+    ConfigError,
+    Entry,
+    check_entry,
+    check_port_free,
+    find_entry,
+    parse_args,
+    read_config,
+    script_role,
+)
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
@@ -49,12 +58,17 @@ class ServiceSpec(Generic[ArgsT]):
 
 
 def load(
-    description: str, args_type: type[ArgsT], argv: Sequence[str] | None = None, check_port: bool = True
+    description: str,
+    args_type: type[ArgsT],
+    argv: Sequence[str] | None = None,
+    check_port: bool = True,
+    script: str | None = None,
 ) -> ServiceSpec[ArgsT]:
     """Parses the command line, reads the config, checks the entry and its args, and its port.
 
-    With ``check_port`` the entry's host must resolve to an address of this machine where
-    its port is free.
+    The entry is checked as the role that ``script`` runs (the running script unless
+    given: ``agent.py`` runs agents), whatever its name. With ``check_port`` the entry's
+    host must resolve to an address of this machine where its port is free.
 
     Raises:
         ConfigError: naming the file, service, arg or value at fault.
@@ -67,7 +81,7 @@ def load(
     cli = parser.parse_args(argv)
     entries = read_config(cli.service_config)
     entry = find_entry(entries, cli.service_name, cli.service_config)
-    check_entry(entry, entries)
+    check_entry(entry, entries, script_role(sys.argv[0] if script is None else script))
     args = parse_args(entry, args_type)
     if check_port:
         check_port_free(entry.host, entry.port)

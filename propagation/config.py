@@ -29,12 +29,14 @@ __all__ = [
     "arg",
     "check_endpoint",
     "check_entry",
+    "check_host",
     "check_port_free",
     "find_entry",
     "is_loopback",
     "parse_args",
     "read_config",
     "role_of",
+    "script_role",
     "service_name_in",
 ]
 
@@ -48,6 +50,9 @@ MAX_ENTRIES = 100
 MAX_LIST = 64  # args or subscriptions of one entry
 MAX_TEXT = 256  # characters in a name, host, path, query or arg
 MAX_NUMBER_DIGITS = 20
+# A subscription hears every n-th event: at an agent's top rate (10,000 a second) every
+# 1,000th is still ten a second. 0 and 1 both mean every event.
+MAX_EVERY_N = 1000
 
 # The roles of this example; an entry's name starts with its role ("agent-1").
 ROLES = ("storage", "supervisor", "agent")
@@ -61,6 +66,20 @@ LOG_LEVELS = {"NOTSET": 0, "DEBUG": 10, "INFO": 20, "WARNING": 30, "WARN": 30, "
 ENTRY_FIELDS = frozenset({"name", "port", "host", "subscriptions", "uris", "args", "log_level", "logLevel"})
 SUBSCRIPTION_FIELDS = frozenset({"uri", "every_n", "everyN"})
 URI_FIELDS = frozenset({"scheme", "authority", "path", "query"})
+# protobuf's ParseDict takes a field by either name; given both, it runs with the later.
+SPELLINGS = {"log_level": "logLevel", "every_n": "everyN"}
+
+# Host names as gRPC resolves them: labels of 1 to 63 characters, no dot at the end.
+MAX_HOST = 253
+LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+# A label that reads as a number (or as hex, "0x7f"): the host is then an IPv4 address,
+# which gRPC reads as four decimal numbers only.
+NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+DECIMAL_BYTE = re.compile(r"0|[1-9][0-9]{0,2}")
+SCOPE = re.compile(r"[A-Za-z0-9_.-]+")
+# gRPC reads "unix:7010" as the unix socket "7010", whatever the case: a target that
+# starts with the name of one of its resolvers is a URI of that scheme, not host:port.
+GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
 
 
 class ConfigError(Exception):
@@ -112,17 +131,30 @@ class Entry:
         from farm_ng.core.event_service_pb2 import EventServiceConfig  # noqa: PLC0415
         from google.protobuf import json_format  # noqa: PLC0415
 
-        return json_format.ParseDict(self.raw, EventServiceConfig())
+        try:
+            return json_format.ParseDict(self.raw, EventServiceConfig())
+        except json_format.ParseError as exc:  # the checks above should have said why first
+            msg = f"service {self.name!r}: {' '.join(str(exc).split())}"
+            raise ConfigError(msg) from None
 
 
 def role_of(entry: Entry) -> str | None:
-    """The role of an entry, by its name's prefix; None if it has no port or no role.
+    """The role of an entry, by its name's prefix in any case; None if it has no port or no role.
 
-    A config may hold entries of other programs (a recorder, say): they are not ours.
+    The one rule for which script runs an entry (``storage-2`` and ``Storage`` run under
+    storage.py). A config may hold entries of other programs (a recorder, say): they are
+    not ours.
     """
     if not entry.port:
         return None
-    return next((role for role in ROLES if entry.name.startswith(role)), None)
+    name = entry.name.lower()
+    return next((role for role in ROLES if name.startswith(role)), None)
+
+
+def script_role(script: str) -> str | None:
+    """The role a script runs (``agent.py`` runs agents); None for another program."""
+    name = os.path.basename(script)
+    return next((role for role in ROLES if name == f"{role}.py"), None)
 
 
 # ---------------------------------------------------------------------------------
@@ -258,6 +290,7 @@ def _entry(where: str, index: int, raw: Any) -> Entry:
     if unknown:
         msg = f"{where}: unknown field {unknown[0]!r} (an entry has: name, port, host, log_level, args, subscriptions)"
         raise ConfigError(msg)
+    _one_spelling(where, raw)
     port = _integer(where, "port", raw.get("port", 0))
     if not 0 <= port < 65536:
         msg = f"{where} has port {port} in the config; it needs one in 1..65535"
@@ -276,6 +309,13 @@ def _entry(where: str, index: int, raw: Any) -> Entry:
         subscriptions=tuple(_subscriptions(where, raw.get("subscriptions", []))),
         raw=raw,
     )
+
+
+def _one_spelling(where: str, raw: Mapping[str, Any]) -> None:
+    for name, other in SPELLINGS.items():
+        if name in raw and other in raw:
+            msg = f"{where} gives {name} twice, as {name!r} and as {other!r}: keep one"
+            raise ConfigError(msg)
 
 
 def _integer(where: str, field: str, value: Any) -> int:
@@ -321,11 +361,12 @@ def _subscriptions(where: str, value: Any) -> list[Subscription]:
         if not isinstance(uri, dict) or set(raw) - SUBSCRIPTION_FIELDS:
             msg = f'{where}: a subscription must be {{"uri": {{"path": ..., "query": ...}}, "every_n": 1}}'
             raise ConfigError(msg)
+        _one_spelling(f"{where}: a subscription", raw)
         _uri(where, "a subscription's uri", uri)
         path, query = uri.get("path", ""), uri.get("query", "")
         every_n = _integer(where, "every_n", raw.get("every_n", raw.get("everyN", 0)))
-        if not 0 <= every_n < 2**32:
-            msg = f"{where}: every_n {every_n} is out of range"
+        if not 0 <= every_n <= MAX_EVERY_N:
+            msg = f"{where}: every_n {every_n} must be in 0..{MAX_EVERY_N} (0 and 1: every event)"
             raise ConfigError(msg)
         found.append(Subscription(path, query, every_n))
     return found
@@ -364,18 +405,28 @@ def find_entry(entries: Sequence[Entry], name: str, path: str = "the config") ->
     raise ConfigError(msg)
 
 
-def check_entry(entry: Entry, entries: Sequence[Entry]) -> None:
-    """Checks that an entry can run as the service of its role, with the peers it needs.
+def check_entry(entry: Entry, entries: Sequence[Entry], role: str | None = None) -> None:
+    """Checks that an entry can run as a service of ``role``, with the peers it needs.
 
-    It must say where it listens; a supervisor's subscriptions must be ``/sample`` of
-    agents of the config, and the config must have a ``storage``.
+    ``role`` is the role of the script that runs it (``script_role``); an entry whose name
+    says another role is refused, naming the script that runs it. Without ``role``, the
+    entry's own. The entry must say where it listens; a supervisor's subscriptions must
+    be ``/sample`` of agents of the config, and the config must have a ``storage``: each
+    of those peers must say where it listens too.
 
     Raises:
         ConfigError: naming what is missing or wrong.
 
     """
+    if role is not None and entry.role not in (None, role):
+        article = "an" if entry.role == "agent" else "a"
+        msg = (
+            f"service {entry.name!r} is {article} {entry.role} (its name says so):"
+            f" run it with {entry.role}.py, not {role}.py"
+        )
+        raise ConfigError(msg)
     check_endpoint(entry)
-    if entry.role != "supervisor":
+    if (role or entry.role) != "supervisor":
         return
     for subscription in entry.subscriptions:
         agent = subscription.service_name
@@ -396,10 +447,11 @@ def check_entry(entry: Entry, entries: Sequence[Entry]) -> None:
 
 
 def check_endpoint(entry: Entry) -> None:
-    """Checks that an entry says where its service listens.
+    """Checks that an entry says where its service listens, as gRPC will read it.
 
     Raises:
-        ConfigError: the host is empty or the port is not in 1..65535.
+        ConfigError: the host is empty or not one gRPC reads as host, or the port is not
+            in 1..65535.
 
     """
     if not entry.host:
@@ -407,6 +459,57 @@ def check_endpoint(entry: Entry) -> None:
         raise ConfigError(msg)
     if not 0 < entry.port < 65536:
         msg = f"service {entry.name!r} has port {entry.port} in the config; it needs one in 1..65535"
+        raise ConfigError(msg)
+    check_host(f"service {entry.name!r} has host {entry.host!r}", entry.host, entry.port)
+
+
+def check_host(where: str, host: str, port: int) -> None:
+    """Checks that gRPC reads ``host:port`` as this host and port, and resolves it as Python does.
+
+    Python's resolver is more lenient than gRPC's: it takes ``127.1``, ``2130706433`` and
+    ``0x7f000001`` as 127.0.0.1, ``0177.0.0.1`` as 127.0.0.1 where gRPC reads 177.0.0.1,
+    and ``localhost.`` with its final dot. A label that is empty (``agent..lan``) or over
+    63 characters fails in Python with a ``UnicodeError``.
+
+    Raises:
+        ConfigError: ``where`` and what gRPC would make of it.
+
+    """
+    if len(host) > MAX_HOST:
+        msg = f"{where}: a host name has at most {MAX_HOST} characters"
+        raise ConfigError(msg)
+    if ":" in host:
+        address, percent, scope = host.partition("%")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            msg = f"{where}: not a host name, and not an IPv6 address"
+            raise ConfigError(msg) from None
+        if percent and not SCOPE.fullmatch(scope):
+            msg = f"{where}: an IPv6 address's scope (after %) is an interface name or number"
+            raise ConfigError(msg)
+        return
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    if "" in labels:
+        msg = f"{where}: it has an empty label (a dot at the start or two in a row)"
+        raise ConfigError(msg)
+    wrong = next((label for label in labels if not LABEL.fullmatch(label)), None)
+    if wrong is not None:
+        msg = f"{where}: its label {wrong[:70]!r} is not 1 to 63 letters, digits, '-' or '_'"
+        raise ConfigError(msg)
+    if host.endswith("."):
+        msg = f"{where}: gRPC does not resolve a name that ends with a dot; write {host[:-1]!r}"
+        raise ConfigError(msg)
+    if NUMERIC_LABEL.fullmatch(labels[-1]) and not (
+        len(labels) == 4 and all(DECIMAL_BYTE.fullmatch(label) and int(label) < 256 for label in labels)
+    ):
+        msg = (
+            f"{where}: not an IPv4 address as gRPC reads it (four numbers 0 to 255, without"
+            " leading zeros, e.g. 127.0.0.1); Python reads short and hex forms, gRPC does not"
+        )
+        raise ConfigError(msg)
+    if host.lower() in GRPC_SCHEMES:
+        msg = f"{where}: gRPC reads '{host}:{port}' as a {host.lower()}: address, not as a host and port"
         raise ConfigError(msg)
 
 
@@ -511,6 +614,9 @@ def check_port_free(host: str, port: int) -> None:
     except socket.gaierror as exc:
         msg = f"host {host!r} does not resolve: {exc.strerror}"
         raise ConfigError(msg) from None
+    except UnicodeError:  # a label that is empty or too long (check_host says which)
+        msg = f"host {host!r} is not a valid host name"
+        raise ConfigError(msg) from None
     for family, kind, proto, _, sockaddr in infos:
         with socket.socket(family, kind, proto) as probe:
             # As gRPC does: connections of a stopped server in TIME_WAIT must not
@@ -537,6 +643,6 @@ def is_loopback(host: str) -> bool:
     """
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except socket.gaierror:
+    except (socket.gaierror, UnicodeError):
         return False
     return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)

@@ -1,23 +1,37 @@
-"""What a server refuses before farm-ng-core sees it: requests and subscriptions off the contract.
+"""What a server refuses before farm-ng-core sees it: calls off the contract, and subscriptions beyond a fair share.
 
 ``EventServiceGrpc`` answers whatever arrives: it decodes a request by the type its URI
 names (importing the module the sender chooses), keeps a queue for every path anyone
-subscribes to (forever), and serves any number of subscribers. ``PathGuard`` is a gRPC
-server interceptor (grpc's public mechanism) that lets through only:
+subscribes to (forever), and serves any number of subscribers for as long as they stay
+connected, read or not. ``PathGuard`` is a gRPC server interceptor (grpc's public
+mechanism) that lets through only:
 
 - a request/reply on a path the role serves, naming and carrying that path's message;
-- a subscription to a path the role publishes (or ``*``), while fewer than
-  ``MAX_SUBSCRIBERS`` are open.
+- a subscription to a path the role publishes (or ``*``), within its share of the slots:
+  ``MAX_SUBSCRIBERS`` for subscribers on the hosts of the config's services (and on this
+  machine's loopback), ``STRANGER_SUBSCRIBERS`` for everyone else together, and at most
+  ``STRANGER_SUBSCRIBERS_EACH`` for any one other address. Strangers never take a slot of
+  the config's services.
 
 Anything else ends with a gRPC status that says why (``UNIMPLEMENTED``,
 ``INVALID_ARGUMENT``, ``NOT_FOUND``, ``RESOURCE_EXHAUSTED``), is counted in ``/health``
-and ``/stats``, and is logged once per interval, not once per request.
+and ``/stats``, and is logged once per interval, not once per call. A method the service
+does not have at all is refused by gRPC (``UNIMPLEMENTED``) and counted here too.
+
+A subscriber that stops reading keeps its slot, at a bounded cost: farm-ng-core's queue
+of 10 events (later ones are dropped and counted, ``<path>/dropped`` in ``/health``) and
+one event waiting for HTTP/2 flow-control window. It is not ended: while an event waits
+for window, gRPC can neither send the stream's status nor reset it, so the subscriber of
+a stream ended then would be left reading a silent stream that never closes.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable
+import socket
+import urllib.parse
+from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
@@ -28,29 +42,56 @@ from propagation.wire import Contract, WrongMessage, decode, shown
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import RequestReplyRequest, SubscribeRequest
 
-__all__ = ["MAX_SUBSCRIBERS", "REFUSED_REQUESTS", "REFUSED_SUBSCRIPTIONS", "SUBSCRIBERS", "PathGuard"]
+__all__ = [
+    "COUNTERS",
+    "MAX_SUBSCRIBERS",
+    "REFUSED_REQUESTS",
+    "REFUSED_SUBSCRIPTIONS",
+    "STRANGER_SUBSCRIBERS",
+    "STRANGER_SUBSCRIBERS_EACH",
+    "SUBSCRIBERS",
+    "PathGuard",
+    "address_of_peer",
+    "addresses_of",
+]
 
-# Open subscriptions a service serves at once: its supervisors, a monitor, a recorder, a
-# few watchers. Each costs a queue and a copy of every event.
+# Open subscriptions a service serves at once from the hosts of its config: its
+# supervisors, a monitor, a recorder, a few watchers. Each costs a queue and a copy of
+# every event.
 MAX_SUBSCRIBERS = 32
+# From any other address: a monitor or a watcher on a laptop, say; and any stranger.
+STRANGER_SUBSCRIBERS = 16
+STRANGER_SUBSCRIBERS_EACH = 4
 REQUEST_REPLY = "/farm_ng.core.proto.EventService/requestReply"
 SUBSCRIBE = "/farm_ng.core.proto.EventService/subscribe"
 # The counters, in farm-ng-core's health metrics (/health) and in /stats.
 REFUSED_REQUESTS = "refused_requests"
 REFUSED_SUBSCRIPTIONS = "refused_subscriptions"
 SUBSCRIBERS = "subscribers"
+COUNTERS = (REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS)
+# This machine, whatever the config says: a process here can reach the service anyway.
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
 
 
 class PathGuard(grpc.aio.ServerInterceptor):
-    """Refuses requests and subscriptions that the role's contract does not name."""
+    """Refuses calls that the role's contract does not name, and subscriptions beyond a fair share."""
 
-    def __init__(self, contract: Contract) -> None:
-        """Guards a server of a role that serves ``contract``."""
+    def __init__(self, contract: Contract, trusted: Iterable[str] = ()) -> None:
+        """Guards a server of a role that serves ``contract``.
+
+        Args:
+            contract: What the role serves and publishes.
+            trusted: The addresses of the hosts of the config's services (``addresses_of``);
+                loopback is always among them.
+
+        """
         self._contract = contract
+        self._trusted = LOOPBACK | frozenset(trusted)
         self._metrics = EventServiceHealthMetrics()
         self._tally = Tally(logging.getLogger("guard"))
-        self._subscribers = 0
-        for key in (REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS):
+        self._trusted_subscribers = 0
+        self._strangers: dict[str, int] = {}  # another address: its subscriptions open
+        for key in COUNTERS:
             self._metrics.update_data(key, 0)
 
     async def intercept_service(
@@ -61,7 +102,8 @@ class PathGuard(grpc.aio.ServerInterceptor):
         """Wraps the handlers of ``requestReply`` and ``subscribe`` in the checks."""
         handler = await continuation(handler_call_details)
         method = handler_call_details.method  # type: ignore[attr-defined]
-        if handler is None:
+        if handler is None:  # gRPC answers UNIMPLEMENTED
+            self._count(REFUSED_REQUESTS, "refused %d call(s) of methods this service does not have")
             return handler
         if method == REQUEST_REPLY:
             return grpc.unary_unary_rpc_method_handler(
@@ -111,22 +153,45 @@ class PathGuard(grpc.aio.ServerInterceptor):
                     "refused %d subscription(s) to paths this service does not publish",
                     REFUSED_SUBSCRIPTIONS,
                 )
-            if self._subscribers >= MAX_SUBSCRIBERS:
+            address = address_of_peer(context.peer())
+            full = self._full(address)
+            if full:
                 await self._refuse(
                     context,
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{MAX_SUBSCRIBERS} subscribers already",
-                    f"refused %d subscription(s): {MAX_SUBSCRIBERS} subscribers already",
+                    full,
+                    f"refused %d subscription(s): {full}",
                     REFUSED_SUBSCRIPTIONS,
                 )
-            self._count_subscribers(+1)
+            self._open(address, +1)
             try:
                 async for reply in serve(request, context):
                     yield reply
             finally:
-                self._count_subscribers(-1)
+                self._open(address, -1)
 
         return guarded
+
+    def _full(self, address: str) -> str | None:
+        """Why a subscriber at ``address`` gets no slot now; None if it does."""
+        if address in self._trusted:
+            if self._trusted_subscribers >= MAX_SUBSCRIBERS:
+                return f"{MAX_SUBSCRIBERS} subscribers already"
+            return None
+        if sum(self._strangers.values()) >= STRANGER_SUBSCRIBERS:
+            return f"{STRANGER_SUBSCRIBERS} subscribers from outside the config's hosts already"
+        if self._strangers.get(address, 0) >= STRANGER_SUBSCRIBERS_EACH:
+            return f"{STRANGER_SUBSCRIBERS_EACH} subscribers from one address outside the config's hosts already"
+        return None
+
+    def _open(self, address: str, change: int) -> None:
+        if address in self._trusted:
+            self._trusted_subscribers += change
+        else:
+            self._strangers[address] = self._strangers.get(address, 0) + change
+            if not self._strangers[address]:
+                del self._strangers[address]
+        self._metrics.update_data(SUBSCRIBERS, self._trusted_subscribers + sum(self._strangers.values()))
 
     async def _refuse(
         self,
@@ -137,13 +202,42 @@ class PathGuard(grpc.aio.ServerInterceptor):
         counter: str = REFUSED_REQUESTS,
     ) -> None:
         """Counts a refusal, tallies its kind (a fixed text: not one line per path) and aborts."""
-        self._bump(counter)
-        self._tally.add(kind)
+        self._count(counter, kind)
         await context.abort(code, why)
 
-    def _bump(self, key: str) -> None:
-        self._metrics.update_data(key, int(self._metrics.get(key)) + 1)
+    def _count(self, counter: str, kind: str) -> None:
+        self._metrics.update_data(counter, int(self._metrics.get(counter)) + 1)
+        self._tally.add(kind)
 
-    def _count_subscribers(self, change: int) -> None:
-        self._subscribers += change
-        self._metrics.update_data(SUBSCRIBERS, self._subscribers)
+
+def address_of_peer(peer: str) -> str:
+    """The IP address in gRPC's name for a peer (``ipv4:10.0.0.2:5000``, ``ipv6:%5B::1%5D:5000``).
+
+    An IPv4 address in IPv6 form (``::ffff:10.0.0.2``) comes back as IPv4; a peer that
+    is not on IP (a unix socket) as the name itself.
+    """
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    return _normal(urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")) or peer
+
+
+def addresses_of(hosts: Iterable[str]) -> set[str]:
+    """The IP addresses the hosts resolve to now; a host that does not resolve adds none."""
+    found: set[str] = set()
+    for host in set(hosts):
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            continue
+        found.update(address for address in (_normal(info[4][0]) for info in infos) if address)
+    return found
+
+
+def _normal(host: str) -> str | None:
+    """An IP address as ``str(ipaddress.ip_address())`` writes it, IPv4 in IPv6 form as IPv4."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    return str(getattr(address, "ipv4_mapped", None) or address)

@@ -10,6 +10,9 @@
   interval with the count.
 - farm-ng-core's per-event ``dropped N sequence M path: P`` warnings, and grpc's
   traceback for a subscriber that went away mid-send, go to a tally each.
+- ``read_back_core_log``: gRPC's C core writes its own lines straight to stderr, past
+  Python's logging (``File descriptor limit reached. Retrying.`` once a second while a
+  service is out of file descriptors); read back from stderr, each kind goes to a tally.
 """
 
 from __future__ import annotations
@@ -21,12 +24,13 @@ import logging
 import logging.handlers
 import os
 import queue
+import re
 import sys
 import threading
 import time
-from typing import IO
+from typing import IO, Callable
 
-__all__ = ["LogOutput", "Tally", "configure_logging"]
+__all__ = ["LogOutput", "Tally", "configure_logging", "read_back_core_log"]
 
 # Lines waiting for the terminal: a few seconds of a service at INFO.
 QUEUE_LINES = 10_000
@@ -40,6 +44,11 @@ TALLY_INTERVAL_S = 10.0
 FARM_NG_DROPPED = "dropped %d sequence %d path: %s"
 # grpc.aio logs this, with a traceback, when a stream's receiver is gone mid-send.
 GRPC_SEND_FAILED = "ExecuteBatchError raised in core by servicer method"
+# A line of gRPC's C core (abseil's format): severity, date, time, thread, file:line, text.
+# "E1204 17:00:23.220626   16190 posix_engine_listener.cc:164] File descriptor limit reached. Retrying."
+CORE_LINE = re.compile(r"^([IWEF])\d{4} [\d:.]+ +\d+ [^ \]]+\] (.*)$")
+# Kinds of core lines tallied apart; beyond that they share one count.
+MAX_CORE_KINDS = 50
 
 
 class LogOutput:
@@ -205,7 +214,10 @@ class Tally:
         now = time.monotonic()
         if now - self._last_line.get(kind, -self._interval) >= self._interval:
             self._last_line[kind] = now
-            self._logger.log(self._level, kind, count)
+            # What is pending goes in this line, not in another one a moment later.
+            pending = self._pending.pop(kind, 0)
+            line = f"{kind} (in the last {self._interval:g} s)" if pending else kind
+            self._logger.log(self._level, line, count + pending)
             return
         self._pending[kind] = self._pending.get(kind, 0) + count
         if self._flush is None:
@@ -255,3 +267,67 @@ class RepeatFilter(logging.Filter):
         if name not in self._tallies:
             self._tallies[name] = Tally(logging.getLogger(name), level=level)
         return self._tallies[name]
+
+
+def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
+    """Reads what is written to stderr (file descriptor 2) back into the log, until undone.
+
+    gRPC's C core logs to file descriptor 2 directly (``GRPC_VERBOSITY`` sets how much,
+    ``cli.quiet_grpc_core`` errors only), not through Python's logging: a condition that
+    lasts makes it write the same line once a second. Here each kind of core line (its
+    text) goes to a ``Tally`` in ``loop``: its first occurrence at once, then a count per
+    interval. A line of another form, or a fatal one, is written to the real stderr as it
+    came. Python's ``sys.stderr`` is pointed at the real stderr first: its tracebacks and
+    warnings do not wait for this thread, and reach the terminal even if the process
+    then dies at once.
+
+    Returns:
+        What undoes it: file descriptor 2 is the real stderr again, and the reader stops
+        once it has handed on the last lines (waiting ``CLOSE_WAIT_S`` at most).
+
+    """
+    if sys.__stderr__ is None:
+        # Started without a stderr: file descriptor 2 may be any file opened since.
+        return lambda: None
+    real = os.dup(2)
+    python_stderr = sys.stderr
+    sys.stderr = direct = os.fdopen(os.dup(real), "w", buffering=1, errors="backslashreplace")
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.close(write_end)
+    tally = Tally(logging.getLogger("grpc"))
+    reader = threading.Thread(target=_forward_core_lines, args=(read_end, real, loop, tally), daemon=True)
+    reader.start()
+
+    def undo() -> None:
+        os.dup2(real, 2)  # the pipe's last writer is gone: the reader reads to the end
+        reader.join(CLOSE_WAIT_S)
+        sys.stderr = python_stderr
+        with contextlib.suppress(OSError, ValueError):
+            direct.close()
+        if not reader.is_alive():
+            os.close(real)
+
+    return undo
+
+
+def _forward_core_lines(read_end: int, real: int, loop: asyncio.AbstractEventLoop, tally: Tally) -> None:
+    kinds: set[str] = set()
+    with os.fdopen(read_end, "rb") as lines:
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip("\n")
+            match = CORE_LINE.match(line)
+            if match is None or match.group(1) == "F":
+                with contextlib.suppress(OSError):
+                    os.write(real, raw)
+                continue
+            text = match.group(2)
+            if text not in kinds and len(kinds) >= MAX_CORE_KINDS:
+                text = "(another kind of line)"
+            kinds.add(text)
+            kind = "gRPC core, %d time(s): " + text.replace("%", "%%")
+            try:
+                loop.call_soon_threadsafe(tally.add, kind)
+            except RuntimeError:  # the loop is closed: the service is on its way out
+                with contextlib.suppress(OSError):
+                    os.write(real, raw)

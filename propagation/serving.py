@@ -7,26 +7,29 @@
 
 ``serve`` does what farm-ng-core's ``EventServiceGrpc.serve()`` does, differently where
 it matters: it listens on the entry's host (``serve()`` binds ``[::]``, every network),
-refuses a port in use, publishes ``/stats`` beside ``/health``, and stops on Ctrl-C,
-SIGTERM or SIGHUP: the server first (calls in flight finish), then the tasks.
+refuses a port in use, publishes ``/stats`` beside ``/health``, sends gRPC's own stderr
+lines through the log's once-per-interval tally, and stops on Ctrl-C, SIGTERM or SIGHUP:
+the server first (calls in flight finish), then the tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import signal
-from typing import TYPE_CHECKING, Any, Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Sequence
 
 import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 from google.protobuf.struct_pb2 import Struct
 
 from propagation.config import ConfigError, check_port_free, is_loopback
-from propagation.guard import REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS, PathGuard
+from propagation.guard import COUNTERS, PathGuard, addresses_of
+from propagation.logs import read_back_core_log
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service import EventServiceGrpc
 
+    from propagation.config import Entry
     from propagation.wire import Contract
 
 __all__ = ["MAX_MESSAGE_BYTES", "SERVER_OPTIONS", "STOP_GRACE_S", "create_server", "grpc_address", "serve"]
@@ -35,20 +38,37 @@ __all__ = ["MAX_MESSAGE_BYTES", "SERVER_OPTIONS", "STOP_GRACE_S", "create_server
 STOP_GRACE_S = 0.5
 # Every message of this contract is well under a kilobyte; gRPC's default is 4 MiB.
 MAX_MESSAGE_BYTES = 64 * 1024
+# The options against a stranger's abuse are listed in the README (Security).
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     # gRPC on Linux sets SO_REUSEPORT: a second server on a used port would start
     # silently and share the traffic.
     ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Calls at once on one connection (unlimited by default). It bounds HTTP/2 rapid
+    # reset: streams opened and reset at once keep counting until the server is done with
+    # them (gRPC's overload protection), instead of piling up work without bound (one
+    # connection took an agent to 1.8 GB and 23 s without an answer). gRPC's client does
+    # not wait for a free stream beyond it: the calls beyond fail (UNAVAILABLE). A
+    # supervisor's connection carries at most 64 relays (max_in_flight), its wake-ups,
+    # a subscription and a probe.
+    ("grpc.max_concurrent_streams", 256),
+    # No compressed messages (identity only): the message limit is checked after
+    # inflating, so 50 KB of gzip would be inflated to 50 MB before being refused.
+    # Refused with UNIMPLEMENTED, before inflating; no client of this example compresses.
+    ("grpc.compression_enabled_algorithms_bitset", 1),
+    # A connection that does not open HTTP/2 (preface and SETTINGS) within 5 s is closed
+    # (default: a minute or two, each holding a file descriptor).
+    ("grpc.server_handshake_timeout_ms", 5_000),
     # A client whose host vanished (no FIN, no reset) is noticed within
     # keepalive_time + keepalive_timeout, and its subscriptions end.
     ("grpc.keepalive_time_ms", 2_000),
     ("grpc.keepalive_timeout_ms", 3_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
-    # Our clients ping too (see peers.py): accept a ping a second, without strikes.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 1_000),
+    # Clients may ping as often as they like (no strikes, no GOAWAY): gRPC answers a
+    # ping flood cheaply (1.2 million pings in 5 s cost an agent 0.5 s of CPU).
+    ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_ping_strikes", 0),
 )
 STATS_PERIOD_S = 1.0
@@ -59,13 +79,20 @@ STATS_PERIOD_S = 1.0
 NETWORK_SUBSCRIBER_QUEUE = 3
 
 
-def create_server(contract: Contract) -> grpc.aio.Server:
+def create_server(contract: Contract, peers: Iterable[Entry] = ()) -> grpc.aio.Server:
     """A ``grpc.aio`` server with this example's limits, guarding ``contract``.
 
     Must run inside the event loop: grpc.aio binds the server to the running loop (made
     before it, it fails on Python 3.12 with "attached to a different loop").
+
+    Args:
+        contract: What the role serves and publishes.
+        peers: The config's entries (``spec.entries``): subscribers on their hosts have
+            slots that strangers cannot take. Without them only loopback has.
+
     """
-    return grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=[PathGuard(contract)])
+    trusted = addresses_of(entry.host for entry in peers if entry.host)
+    return grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=[PathGuard(contract, trusted)])
 
 
 async def serve(
@@ -102,27 +129,31 @@ async def serve(
         for task in tasks:
             task.close()
         raise
-    await service.server.start()
-    jobs = [asyncio.ensure_future(task) for task in tasks]
-    jobs.append(asyncio.ensure_future(service.publish_health_metrics()))
-    jobs.append(asyncio.ensure_future(publish_stats(service, stats or dict)))
-    service.logger.info("%s serving on %s", service.config.name, address)
+    undo_core_log = read_back_core_log(loop)
+    try:
+        await service.server.start()
+        jobs = [asyncio.ensure_future(task) for task in tasks]
+        jobs.append(asyncio.ensure_future(service.publish_health_metrics()))
+        jobs.append(asyncio.ensure_future(publish_stats(service, stats or dict)))
+        service.logger.info("%s serving on %s", service.config.name, address)
 
-    stopping = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait([stopping, *jobs], return_when=asyncio.FIRST_COMPLETED)
-    exit_code = 0
-    for job in done:
-        if job is not stopping:
-            why = "it was cancelled" if job.cancelled() else repr(job.exception())
-            service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
-            exit_code = 1
-    # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
-    # clean close. Cancelling the tasks first would make stop() raise CancelledError.
-    await service.server.stop(STOP_GRACE_S)
-    for job in [stopping, *jobs]:
-        job.cancel()
-    await asyncio.gather(stopping, *jobs, return_exceptions=True)
-    return exit_code
+        stopping = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([stopping, *jobs], return_when=asyncio.FIRST_COMPLETED)
+        exit_code = 0
+        for job in done:
+            if job is not stopping:
+                why = "it was cancelled" if job.cancelled() else repr(job.exception())
+                service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
+                exit_code = 1
+        # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
+        # clean close. Cancelling the tasks first would make stop() raise CancelledError.
+        await service.server.stop(STOP_GRACE_S)
+        for job in [stopping, *jobs]:
+            job.cancel()
+        await asyncio.gather(stopping, *jobs, return_exceptions=True)
+        return exit_code
+    finally:
+        undo_core_log()
 
 
 async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[str, Any]]) -> None:
@@ -135,7 +166,7 @@ async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[st
     while True:
         message = Struct()
         message.update(figures())
-        message.update({key: metrics.get(key) for key in (REFUSED_REQUESTS, REFUSED_SUBSCRIPTIONS, SUBSCRIBERS)})
+        message.update({key: metrics.get(key) for key in COUNTERS})
         await service.publish("/stats", message, latch=True)
         await asyncio.sleep(STATS_PERIOD_S)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, WAIT_TIMEOUT_S, Services, port_of, write_config
+from helpers import ROOT, STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Services, port_of, write_config
 
 
 def fails_with(services: Services, script: str, config: Path | str, name: str, *expected: str) -> str:
@@ -150,3 +150,71 @@ def test_unused_portless_entry_is_ignored(services: Services, tmp_path: Path) ->
     data["configs"].append({"name": "record_default", "host": "localhost", "port": 0})
     config.write_text(json.dumps(data))
     services.service(config, "supervisor-1")
+
+
+# ---------------------------------------------------------------------------------
+# Config that passed the checks and crashed later (issue 16): one line, before gRPC loads.
+
+
+@pytest.mark.parametrize(
+    ("script", "name", "changes", "expected"),
+    [
+        # The service's own entry.
+        ("storage.py", "storage", {"storage": {"host": "agent..lan"}}, "has host 'agent..lan': it has an empty label"),
+        ("agent.py", "agent-1", {"agent-1": {"host": "127.1"}}, "not an IPv4 address as gRPC reads it"),
+        ("agent.py", "agent-1", {"agent-1": {"host": "2130706433"}}, "not an IPv4 address as gRPC reads it"),
+        # The peers a supervisor connects to: a UnicodeError traceback after gRPC loaded.
+        ("supervisor.py", "supervisor-1", {"agent-2": {"host": "."}}, "service 'agent-2' has host '.'"),
+        ("supervisor.py", "supervisor-1", {"storage": {"host": "unix"}}, "gRPC reads 'unix:"),
+        # Checked in one spelling, run with the other.
+        (
+            "storage.py",
+            "storage",
+            {"storage": {"log_level": "INFO", "logLevel": "LOUD"}},
+            "gives log_level twice, as 'log_level' and as 'logLevel'",
+        ),
+        (
+            "supervisor.py",
+            "supervisor-2",
+            {
+                "supervisor-2": {
+                    "subscriptions": [
+                        {"uri": {"path": "/sample", "query": "service_name=agent-3"}, "every_n": 4294967295}
+                    ]
+                }
+            },
+            "every_n 4294967295 must be in 0..1000",
+        ),
+    ],
+)
+def test_config_that_would_crash_later(
+    services: Services, tmp_path: Path, script: str, name: str, changes: dict[str, Any], expected: str
+) -> None:
+    fails_with(services, script, write_config(tmp_path, changes), name, expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "why"),
+    [(["max_storage=500", "batch_size=50"], "its own args"), (["rate=5", "num_tasks=1"], "an agent's args")],
+)
+def test_a_script_names_the_one_that_runs_an_entry(
+    services: Services, tmp_path: Path, args: list[str], why: str
+) -> None:
+    # With an agent's args, agent.py once ran an agent on storage's port.
+    config = entry_with(tmp_path, "storage", args=args)
+    line = fails_with(services, "agent.py", config, "storage")
+    assert line == "error: service 'storage' is a storage (its name says so): run it with storage.py, not agent.py", why
+
+
+def test_a_supervisor_is_checked_as_one_whatever_its_name(services: Services, tmp_path: Path) -> None:
+    subscriptions = [{"uri": {"path": "/health", "query": "service_name=agent-1"}, "every_n": 1}]
+    config = write_config(tmp_path, {"relay-1": {"args": ["confidence=0.5"], "subscriptions": subscriptions}})
+    fails_with(
+        services, "supervisor.py", config, "relay-1", "service 'relay-1': subscription /health", "must be /sample"
+    )
+
+
+def test_a_capitalised_name_runs_under_its_roles_script(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path, {"Storage": {"args": ["max_storage=10", "batch_size=5"]}})
+    storage = services.run("storage.py", "--service-config", str(config), "--service-name", "Storage")
+    storage.wait_for(r"^Storage serving on ", STARTUP_TIMEOUT_S)

@@ -16,10 +16,14 @@ from propagation.config import (
     ConfigError,
     Entry,
     arg,
+    check_endpoint,
     check_entry,
     find_entry,
+    is_loopback,
     parse_args,
     read_config,
+    role_of,
+    script_role,
 )
 from storage import StorageArgs
 from supervisor import SupervisorArgs
@@ -153,6 +157,115 @@ def test_a_supervisor_needs_agents_and_storage(
     entries = entries_of(tmp_path, supervisor_with(subscriptions, storage))
     with pytest.raises(ConfigError, match=expected):
         check_entry(find_entry(entries, "supervisor-1"), entries)
+
+
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        ({"name": "agent-1", "log_level": "INFO", "logLevel": "DEBUG"}, "gives log_level twice"),
+        ({"name": "agent-1", "log_level": "INFO", "logLevel": "LOUD"}, "gives log_level twice"),
+        (
+            {"name": "supervisor-1", "subscriptions": [{"uri": {"path": "/sample"}, "every_n": 1, "everyN": 5}]},
+            "a subscription gives every_n twice, as 'every_n' and as 'everyN'",
+        ),
+        ({"name": "supervisor-1", "subscriptions": [dict(subscription("/sample", ""), every_n=2**32 - 1)]}, "0..1000"),
+        ({"name": "supervisor-1", "subscriptions": [{"uri": {"path": "/sample"}, "everyN": 1001}]}, "every_n 1001"),
+    ],
+)
+def test_a_field_read_two_ways_or_out_of_range(tmp_path: Path, entry: dict[str, Any], expected: str) -> None:
+    # protobuf's ParseDict takes both spellings and runs with the later: checked with one,
+    # run with the other. every_n of 2^32-1 would hear one sample ever.
+    assert expected in refused(tmp_path, json.dumps({"configs": [entry]}))
+
+
+def endpoint(host: str, name: str = "agent-1", port: int = 5001) -> Entry:
+    return Entry(name=name, host=host, port=port, log_level=0, args=(), subscriptions=(), raw={})
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("agent..lan", "an empty label"),
+        (".", "an empty label"),
+        (".lan", "an empty label"),
+        ("a" * 64 + ".lan", "is not 1 to 63 letters"),
+        ("a" * 250 + ".lan", "at most 253 characters"),
+        ("agent%1", "its label 'agent%1' is not"),
+        ("localhost.", "gRPC does not resolve a name that ends with a dot; write 'localhost'"),
+        ("127.1", "not an IPv4 address as gRPC reads it"),
+        ("0", "not an IPv4 address as gRPC reads it"),
+        ("2130706433", "not an IPv4 address as gRPC reads it"),
+        ("0x7f000001", "not an IPv4 address as gRPC reads it"),
+        ("0177.0.0.1", "not an IPv4 address as gRPC reads it"),  # gRPC: 177.0.0.1, Python: 127.0.0.1
+        ("127.0.0.256", "not an IPv4 address as gRPC reads it"),
+        ("unix", "gRPC reads 'unix:5001' as a unix: address"),
+        ("UNIX", "gRPC reads 'UNIX:5001' as a unix: address"),
+        ("dns", "as a dns: address"),
+        ("unix-abstract", "as a unix-abstract: address"),
+        ("::g", "not an IPv6 address"),
+        ("fe80::1%", "an IPv6 address's scope"),
+    ],
+)
+def test_a_host_as_grpc_reads_it(host: str, expected: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        check_endpoint(endpoint(host))
+    assert str(caught.value).startswith(f"service 'agent-1' has host {host!r}: "), caught.value
+    assert expected in str(caught.value)
+    is_loopback(host)  # no UnicodeError either
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "127.0.0.1", "0.0.0.0", "10.0.0.255", "::1", "fe80::1%eth0", "agent-1.lan", "robot_2", "Dns1"]
+)
+def test_hosts_grpc_reads_as_written(host: str) -> None:
+    check_endpoint(endpoint(host))
+
+
+def test_every_peer_a_supervisor_connects_to_is_checked(tmp_path: Path) -> None:
+    configs = supervisor_with([subscription("/sample", "service_name=agent-1")])
+    for index, host in ((0, "agent..lan"), (2, "unix")):
+        broken = [dict(entry, host=host) if number == index else entry for number, entry in enumerate(configs)]
+        entries = entries_of(tmp_path, broken)
+        with pytest.raises(ConfigError, match=rf"service '{broken[index]['name']}' has host '{host}'"):
+            check_entry(find_entry(entries, "supervisor-1"), entries)
+
+
+def test_the_script_decides_the_role_and_names_the_right_one(tmp_path: Path) -> None:
+    configs = [
+        *supervisor_with([subscription("/sample", "service_name=agent-1")]),
+        {"name": "relay-1", "host": "localhost", "port": 7002, "subscriptions": [subscription("/health", "")]},
+        {"name": "Storage-2", "host": "localhost", "port": 7011},
+    ]
+    entries = entries_of(tmp_path, configs)
+    storage = find_entry(entries, "storage")
+    with pytest.raises(
+        ConfigError,
+        match=r"^service 'storage' is a storage \(its name says so\): run it with storage.py, not agent.py$",
+    ):
+        check_entry(storage, entries, role="agent")
+    with pytest.raises(ConfigError, match=r"is an agent .*: run it with agent\.py, not supervisor\.py"):
+        check_entry(find_entry(entries, "agent-1"), entries, role="supervisor")
+    check_entry(storage, entries, role="storage")
+    # A name without a role's prefix runs under any script, checked as that script's role.
+    relay = find_entry(entries, "relay-1")
+    check_entry(relay, entries, role="agent")
+    with pytest.raises(ConfigError, match="must be /sample"):
+        check_entry(relay, entries, role="supervisor")
+    # One rule for the launcher and the scripts: the prefix, in any case.
+    assert [role_of(entry) for entry in entries] == ["agent", "supervisor", "storage", None, "storage"]
+    assert [script_role(path) for path in ("agent.py", "/x/storage.py", "supervisor.py", "monitor.py", "agent")] == [
+        "agent",
+        "storage",
+        "supervisor",
+        None,
+        None,
+    ]
+
+
+def test_a_config_farm_ng_core_cannot_parse_is_a_config_error() -> None:
+    entry = Entry(name="x-1", host="localhost", port=1, log_level=0, args=(), subscriptions=(), raw={"port": "many"})
+    with pytest.raises(ConfigError, match=r"^service 'x-1': "):
+        entry.service_config()
 
 
 def test_an_entry_without_a_port_is_not_a_service(tmp_path: Path) -> None:
