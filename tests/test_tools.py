@@ -107,7 +107,7 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
     assert uris.lines[0] == 'connecting to name: "agent-3"', uris.output
     listed = json.loads("\n".join(uris.lines[uris.lines.index("{") :]))
     assert listed["name"] == "agent-3"
-    assert {uri["path"] for uri in listed["uris"]} == {"/sample", "/stats", "/health"}
+    assert {uri["path"] for uri in listed["uris"]} == {"/sample", "/pauses", "/stats", "/health"}
     assert all("service_name=agent-3" in uri["query"] for uri in listed["uris"])
 
     args = ("--service-config", str(config), "--service-name", "agent-3", "--path", "/sample", "--count", "3")
