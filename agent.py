@@ -10,33 +10,11 @@ update the agent publishes freely.
 
 from __future__ import annotations
 
-import dataclasses
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
 
-from propagation.cli import ServiceSpec, exit_on_bad_input, run
-from propagation.config import arg
-
-DESCRIPTION = "An agent of farm-ng-core's service propagation example."
-
-
-@dataclasses.dataclass(frozen=True)
-class AgentArgs:
-    """The ``args`` of an agent entry in the config."""
-
-    rate: float = arg(0.01, 10_000, unit="Hz")  # samples a second, per task
-    num_tasks: int = arg(1, 1_000)
-
-    def __post_init__(self) -> None:
-        if self.rate * self.num_tasks > 10_000:
-            msg = f"arg rate x num_tasks = {self.rate * self.num_tasks:g} must be at most 10000 samples a second"
-            raise ValueError(msg)
-
-
-if __name__ == "__main__":
-    # Bad input gets its one line before gRPC and farm-ng-core load (seconds on a busy machine).
-    exit_on_bad_input(DESCRIPTION, AgentArgs)
-
-import asyncio  # (every import from here on waits for the check above)
+import asyncio
 import contextlib
+import dataclasses
 import random
 import time
 
@@ -48,15 +26,12 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
+from propagation.cli import ServiceSpec, run
+from propagation.config import arg
 from propagation.pacing import Pacer
-from propagation.residuals import ResidualFilter
+from propagation.residuals import PAUSES_MIN_GAP_S, PAUSES_PERIOD_S, ResidualFilter
 from propagation.serving import create_server, serve
 from propagation.stats import AgentCounts
-
-# /pauses goes out at each pause and resume, at most this often, and every second: a
-# supervisor wakes the agent by it, and a lost one is repaired by the next.
-PAUSES_PERIOD_S = 1.0
-PAUSES_MIN_GAP_S = 0.05
 
 
 class Agent:
@@ -64,6 +39,7 @@ class Agent:
 
     def __init__(self, service: EventServiceGrpc, args: AgentArgs) -> None:
         self.service = service
+        service.add_request_reply_handler(self.on_request)
         self.pacer = Pacer(args.rate, args.num_tasks, on_slow=self.warn_slow)
         # farm-ng-core numbers events by reading its counter, awaiting, then writing it
         # back: concurrent publishes would share numbers.
@@ -72,7 +48,6 @@ class Agent:
         self.residuals = ResidualFilter()
         self.counts = AgentCounts(args.rate, args.num_tasks, self.residuals.local_clock)
         self.pause_changed = asyncio.Event()
-        service.add_request_reply_handler(self.on_request)
 
     async def on_request(self, request: RequestReplyRequest) -> Empty:
         """``/update_residual``: the residual storage had left becomes the remainder.
@@ -146,13 +121,26 @@ class Agent:
         return figures
 
 
+@dataclasses.dataclass(frozen=True)
+class AgentArgs:
+    """The ``args`` of an agent entry in the config."""
+
+    rate: float = arg(0.01, 10_000, unit="Hz")  # samples a second, per task
+    num_tasks: int = arg(1, 1_000)
+
+    def __post_init__(self) -> None:
+        if self.rate * self.num_tasks > 10_000:
+            msg = f"arg rate x num_tasks = {self.rate * self.num_tasks:g} must be at most 10000 samples a second"
+            raise ValueError(msg)
+
+
 async def main(spec: ServiceSpec[AgentArgs]) -> int:
     """Builds the agent's service and serves it until Ctrl-C or SIGTERM."""
-    service = EventServiceGrpc(create_server(wire.AGENT), spec.config)
+    service = EventServiceGrpc(create_server(wire.AGENT, spec.entries), spec.config)
     agent = Agent(service, spec.args)
     tasks = [agent.run_task(task_id) for task_id in range(spec.args.num_tasks)]
     return await serve(service, [*tasks, agent.report_pauses()], stats=agent.stats)
 
 
 if __name__ == "__main__":
-    run(DESCRIPTION, AgentArgs, main)
+    run(__doc__, AgentArgs, main)

@@ -11,34 +11,10 @@ supervisors wake the agents that paused while it was full by it.
 
 from __future__ import annotations
 
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
+
+import asyncio
 import dataclasses
-
-from propagation.cli import ServiceSpec, exit_on_bad_input, run
-from propagation.config import arg
-
-DESCRIPTION = "The storage of farm-ng-core's service propagation example."
-INT32_MAX = 2**31 - 1  # residuals travel as Int32Value
-
-
-@dataclasses.dataclass(frozen=True)
-class StorageArgs:
-    """The ``args`` of a storage entry in the config."""
-
-    max_storage: int = arg(1, INT32_MAX)
-    batch_size: int = arg(1, INT32_MAX)
-    drain_period: float = arg(0.01, 60, default=0.1, unit="s")
-
-    def __post_init__(self) -> None:
-        if self.batch_size > self.max_storage:
-            msg = f"arg batch_size={self.batch_size} must be in 1..max_storage ({self.max_storage})"
-            raise ValueError(msg)
-
-
-if __name__ == "__main__":
-    # Bad input gets its one line before gRPC and farm-ng-core load (seconds on a busy machine).
-    exit_on_bad_input(DESCRIPTION, StorageArgs)
-
-import asyncio  # (every import from here on waits for the check above)
 
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
@@ -50,10 +26,10 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
+from propagation.cli import ServiceSpec, run
+from propagation.config import arg
 from propagation.residuals import DrainTicks, ResidualClock
 from propagation.serving import create_server, serve
-
-MAX_BATCH = 256  # items one /update_storage_batch may store: a supervisor's max_batch at most
 
 
 class Storage:
@@ -155,8 +131,12 @@ class Storage:
             await self.service.publish("/level", level, latch=True)
 
     async def store_batch(self, wanted: int) -> Message | tuple[Message, Event]:
-        """Stores up to ``wanted`` items (``/update_storage_batch``); a count off 1..MAX_BATCH gets ``Empty``."""
-        if not 1 <= wanted <= MAX_BATCH:
+        """Stores up to ``wanted`` items (``/update_storage_batch``).
+
+        The server's guard refuses a count off ``1..wire.MAX_BATCH`` with a status first;
+        one that got here anyway (a guard changed) gets ``Empty``, counted.
+        """
+        if not 1 <= wanted <= wire.MAX_BATCH:
             self.counts["bad_batches"] += 1
             return Empty()
         stamp = self.clock.stamp()
@@ -171,12 +151,26 @@ class Storage:
         return {"count": self.count, "max_storage": self.args.max_storage, **self.counts}
 
 
+@dataclasses.dataclass(frozen=True)
+class StorageArgs:
+    """The ``args`` of a storage entry in the config."""
+
+    max_storage: int = arg(1, wire.INT32_MAX)
+    batch_size: int = arg(1, wire.INT32_MAX)
+    drain_period: float = arg(0.01, 60, default=0.1, unit="s")
+
+    def __post_init__(self) -> None:
+        if self.batch_size > self.max_storage:
+            msg = f"arg batch_size={self.batch_size} must be in 1..max_storage ({self.max_storage})"
+            raise ValueError(msg)
+
+
 async def main(spec: ServiceSpec[StorageArgs]) -> int:
     """Builds the storage service and serves it until Ctrl-C or SIGTERM."""
-    service = EventServiceGrpc(create_server(wire.STORAGE), spec.config)
+    service = EventServiceGrpc(create_server(wire.STORAGE, spec.entries), spec.config)
     storage = Storage(service, spec.args)
     return await serve(service, [storage.drain()], stats=storage.stats)
 
 
 if __name__ == "__main__":
-    run(DESCRIPTION, StorageArgs, main)
+    run(__doc__, StorageArgs, main)

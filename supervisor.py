@@ -1,41 +1,19 @@
 """Supervisor: stores the agents' good samples and tells each agent what room is left.
 
-It subscribes to ``/sample`` of every agent its config entry lists. For each sample
-above ``confidence`` it calls ``/update_storage`` on the service named ``storage``, logs
-the reply (``Residual: value: 455``) and sends that residual to the agent that published
-the sample (``/update_residual``). A paused agent publishes nothing, so it also follows
-storage's ``/residual`` and each agent's ``/pauses``: whenever storage says it has room,
-each agent that says it is paused hears so.
+Each sample above ``confidence`` from the agents it subscribes to goes to ``/update_storage``
+on ``storage``; the reply, the residual (``Residual: value: 455``), goes back to the agent
+on ``/update_residual``. A paused agent publishes nothing: it hears of room from storage's
+``/residual`` (``watch_storage``).
 
     python supervisor.py --service-config service_config.json --service-name supervisor-1
 """
 
 from __future__ import annotations
 
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
+
 import dataclasses
-
-from propagation.cli import ServiceSpec, exit_on_bad_input, run
-from propagation.config import arg
-
-DESCRIPTION = "A supervisor of farm-ng-core's service propagation example."
-
-
-@dataclasses.dataclass(frozen=True)
-class SupervisorArgs:
-    """The ``args`` of a supervisor entry in the config."""
-
-    confidence: float = arg(0, 1)
-    # Relays (store, then tell the agent) under way at once; 1 is one at a time.
-    max_in_flight: int = arg(1, 64, default=8)
-    # Samples a relay stores in one call when they queue up; 1 is one call each.
-    max_batch: int = arg(1, 64, default=32)  # at most what waits (propagation.relaying.MAX_PENDING)
-
-
-if __name__ == "__main__":
-    # Bad input gets its one line before gRPC and farm-ng-core load (seconds on a busy machine).
-    exit_on_bad_input(DESCRIPTION, SupervisorArgs)
-
-import time  # (every import from here on waits for the check above)
+import time
 
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
@@ -46,15 +24,13 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
-from propagation.config import is_loopback, service_name_in
+from propagation.cli import ServiceSpec, run
+from propagation.config import arg
 from propagation.logs import Tally
-from propagation.peers import PeerClient, PeerUnavailable, fresh_stream_options
-from propagation.relaying import AgentLink, Freshness, SampleQueue, SupervisorCounts, batch_residuals, store_outcome
+from propagation.peers import PeerClient, PeerUnavailable
+from propagation.relaying import AgentLink, SampleQueue, SupervisorCounts, batch_residuals, store_outcome
+from propagation.residuals import MIN_RESIDUAL_GAP_S
 from propagation.serving import create_server, serve
-
-# Storage re-asserts its residual every half second or so: more often than this is a
-# flood, and only the newest matters.
-MIN_RESIDUAL_GAP_S = 0.05
 
 
 class Supervisor:
@@ -62,31 +38,23 @@ class Supervisor:
 
     def __init__(self, service: EventServiceGrpc, spec: ServiceSpec[SupervisorArgs]) -> None:
         self.service = service
-        self.confidence = spec.args.confidence
-        owner = service.config.name
-        # A client for each peer it talks to: storage and the agents it subscribes to.
-        self.storage = PeerClient(spec.config_of("storage"), owner)
-        self.agents = {
-            agent.name: AgentLink(PeerClient(agent, owner, channel_options=fresh_stream_options(agent)), subscription)
-            for subscription in service.config.subscriptions
-            if (agent := spec.config_of(service_name_in(subscription.uri.query) or ""))
-        }
+        self.args = spec.args
+        self.storage = PeerClient(spec.config_of("storage"), service.config.name)
+        self.agents = AgentLink.of_subscriptions(spec, service.config.name)  # a client for each agent
         self.counts = SupervisorCounts()
         self.queue = SampleQueue(spec.args.max_batch, self.counts, service.logger)
-        self.max_in_flight = spec.args.max_in_flight
         self.takes_batches: bool | None = None  # whether storage has /update_storage_batch; None until asked
 
     async def watch_agent(self, link: AgentLink) -> None:
         """Reads one agent's ``/sample``: each sample above confidence waits for a relay."""
-        freshness = Freshness(applies=not is_loopback(link.agent.config.host))
         async for event, sample in link.agent.subscribe(link.subscription, decode=True):
             self.counts.received += 1
             value = wire.sample_value(sample)
             if value is None:  # a Struct without a number "sample": not a sample of this contract
                 self.counts.malformed += 1
-            elif value <= self.confidence:
+            elif value <= self.args.confidence:
                 self.counts.below_confidence += 1
-            elif freshness.too_old(event):  # stuck in a slow link: its residual would be stale
+            elif link.freshness.too_old(event):  # stuck in a slow link: its residual would be stale
                 self.counts.too_old += 1
             else:
                 self.queue.put(link, event)
@@ -196,9 +164,9 @@ class Supervisor:
         return {
             **dataclasses.asdict(self.counts),
             "superseded": sum(link.outbox.superseded for link in self.agents.values()),
-            "confidence": self.confidence,
-            "max_in_flight": self.max_in_flight,
-            "max_batch": self.queue.max_batch,
+            "confidence": self.args.confidence,
+            "max_in_flight": self.args.max_in_flight,
+            "max_batch": self.args.max_batch,
             "pending": len(self.queue),
             "agents": list(self.agents),
             "storage_reachable": bool(self.storage.reachable),
@@ -206,17 +174,28 @@ class Supervisor:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class SupervisorArgs:
+    """The ``args`` of a supervisor entry in the config."""
+
+    confidence: float = arg(0, 1)
+    # Relays (store, then tell the agent) under way at once; 1 is one at a time.
+    max_in_flight: int = arg(1, 64, default=8)
+    # Samples a relay stores in one call when they queue up; 1 is one call each.
+    max_batch: int = arg(1, 64, default=32)  # at most what waits (propagation.relaying.MAX_PENDING)
+
+
 async def main(spec: ServiceSpec[SupervisorArgs]) -> int:
     """Builds the supervisor's service and serves it until Ctrl-C or SIGTERM."""
-    service = EventServiceGrpc(create_server(wire.SUPERVISOR), spec.config)
+    service = EventServiceGrpc(create_server(wire.SUPERVISOR, spec.entries), spec.config)
     supervisor = Supervisor(service, spec)
     links = supervisor.agents.values()
     jobs = (supervisor.watch_agent, supervisor.watch_pauses, supervisor.tell_agent)
     tasks = [job(link) for link in links for job in jobs]
-    tasks += [supervisor.relay() for _ in range(supervisor.max_in_flight)]
+    tasks += [supervisor.relay() for _ in range(spec.args.max_in_flight)]
     tasks.append(supervisor.watch_storage())
     return await serve(service, tasks, stats=supervisor.stats)
 
 
 if __name__ == "__main__":
-    run(DESCRIPTION, SupervisorArgs, main)
+    run(__doc__, SupervisorArgs, main)

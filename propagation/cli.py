@@ -1,9 +1,6 @@
 """Every service's command line: one line for bad input, a quiet Ctrl-C, an exit code.
 
-    python agent.py --service-config service_config.json --service-name agent-1
-
-Standard library only: a script calls ``exit_on_bad_input`` before it imports gRPC and
-farm-ng-core, which take seconds to load on a busy machine; bad input is refused first.
+python agent.py --service-config service_config.json --service-name agent-1
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import dataclasses
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Generic, NoReturn, Sequence, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Generic, NoReturn, Sequence, TypeVar
 
 from propagation.config import (
     ConfigError,
@@ -31,7 +28,7 @@ from propagation.config import (
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
 
-__all__ = ["ServiceSpec", "exit_on_bad_input", "load", "quiet_grpc_core", "report_error", "run", "run_cli"]
+__all__ = ["ServiceSpec", "load", "quiet_grpc_core", "report_error", "run", "run_cli"]
 
 ArgsT = TypeVar("ArgsT")
 
@@ -88,20 +85,6 @@ def load(
     return ServiceSpec(entry, tuple(entries), args)
 
 
-def exit_on_bad_input(description: str, args_type: type[Any]) -> None:
-    """Exits with one ``error:`` line and code 1 if the command line or config is bad.
-
-    Called before the heavy imports; from then on Ctrl-C, SIGTERM and SIGHUP end the
-    process quietly with code 0 until the service takes them over.
-    """
-    _quiet_signals()
-    quiet_grpc_core()
-    try:
-        load(description, args_type)
-    except ConfigError as exc:
-        sys.exit(report_error(exc))
-
-
 def quiet_grpc_core() -> None:
     """Keeps gRPC's C core to errors; call it before grpc loads (it reads GRPC_VERBOSITY once).
 
@@ -113,12 +96,14 @@ def quiet_grpc_core() -> None:
 
 
 def run(
-    description: str,
+    doc: str | None,
     args_type: type[ArgsT],
     main: Callable[[ServiceSpec[ArgsT]], Awaitable[int | None]],
     argv: Sequence[str] | None = None,
 ) -> NoReturn:
     """Runs a service: loads its spec, sets up logging, runs ``main`` in an event loop, exits.
+
+    ``doc`` is the script's docstring: its first line describes the command in ``--help``.
 
     The exit code is what ``main`` returns (0 for None), 1 for bad input. The process
     ends with ``os._exit`` once its last lines are written: the interpreter's own exit
@@ -130,14 +115,14 @@ def run(
     def body() -> int:
         from propagation.logs import configure_logging  # noqa: PLC0415 (after the checks)
 
-        spec = load(description, args_type, argv)
+        spec = load((doc or "").strip().split("\n")[0], args_type, argv)
         output = configure_logging(spec.entry.log_level)
         try:
             return asyncio.run(main(spec)) or 0  # type: ignore[arg-type]
         finally:
             # asyncio.run put back the default handlers: a second SIGTERM while the last
             # lines are written must not kill the process (-15) either.
-            _quiet_signals()
+            quiet_signals()
             output.close()
 
     code = run_cli(body)
@@ -165,10 +150,10 @@ def run_cli(body: Callable[[], int | None]) -> int:
     finally:
         # asyncio restores the default handlers on its way out: a Ctrl-C while the
         # interpreter shuts down must not print a traceback either.
-        _quiet_signals()
+        quiet_signals()
 
 
-def _quiet_signals() -> None:
+def quiet_signals() -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, _exit_quietly)
 

@@ -15,12 +15,14 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import TYPE_CHECKING, Any, AsyncIterator
 
 from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
 from google.protobuf.struct_pb2 import Struct
 
 from propagation import wire
+from propagation.config import is_loopback, service_name_in
+from propagation.peers import PeerClient, fresh_stream_options
 from propagation.residuals import Outbox
 
 if TYPE_CHECKING:
@@ -29,12 +31,10 @@ if TYPE_CHECKING:
     from farm_ng.core.timestamp_pb2 import Timestamp
     from google.protobuf.message import Message
 
-    from propagation.peers import PeerClient
+    from propagation.cli import ServiceSpec
 
 # Samples waiting for a free worker; a batch takes at most this many.
 MAX_PENDING = 64
-# A residual travels as Int32Value.
-INT32_MAX = 2**31 - 1
 
 
 @dataclasses.dataclass
@@ -74,8 +74,18 @@ class AgentLink:
         self.agent = agent
         self.subscription = subscription
         self.name = agent.config.name
+        self.freshness = Freshness(applies=not is_loopback(agent.config.host))
         self.outbox = Outbox()
         self._ready = asyncio.Event()
+
+    @classmethod
+    def of_subscriptions(cls, spec: ServiceSpec[Any], owner: str) -> dict[str, AgentLink]:
+        """A link to each agent of the supervisor's ``subscriptions``, by name; ``owner`` names it in log lines."""
+        links = {}
+        for subscription in spec.config.subscriptions:
+            agent = spec.config_of(service_name_in(subscription.uri.query) or "")
+            links[agent.name] = cls(PeerClient(agent, owner, channel_options=fresh_stream_options(agent)), subscription)
+        return links
 
     def tell(self, residual: int, stamps: list[Timestamp], wake_up: bool = False) -> None:
         """Has the agent told ``residual`` (``Outbox.tell``)."""
@@ -165,7 +175,7 @@ def batch_result(result: Struct, items: int) -> tuple[int, int]:
         msg = f"a batch reply needs whole numbers 'stored' and 'residual', not {numbers}"
         raise wire.WrongMessage(msg)
     stored, residual = (int(number) for number in numbers)
-    if not (0 <= stored <= items and residual >= -INT32_MAX and residual + items <= INT32_MAX):
+    if not (0 <= stored <= items and residual >= -wire.INT32_MAX and residual + items <= wire.INT32_MAX):
         msg = f"a batch reply of stored={stored}, residual={residual} does not fit a batch of {items}"
         raise wire.WrongMessage(msg)
     return stored, residual

@@ -33,6 +33,13 @@ from propagation.wire import RESIDUAL_TIME
 
 # Storage re-asserts its residual at least this often, whatever its drain period.
 MIN_REASSERT_S = 0.5
+# An agent re-asserts whether it is paused this often, and at each change at most every
+# PAUSES_MIN_GAP_S (a flood of residuals is not a flood of /pauses).
+PAUSES_PERIOD_S = 1.0
+PAUSES_MIN_GAP_S = 0.05
+# A supervisor handles a /residual at most this often: storage publishes one every half
+# second or so, and after each drain; more is a flood, and only the newest matters.
+MIN_RESIDUAL_GAP_S = 0.05
 # What messages may take on the way, on top of the periods, in the bound.
 BOUND_SLACK_S = 1.0
 

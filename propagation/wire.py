@@ -26,6 +26,11 @@ from google.protobuf.wrappers_pb2 import Int32Value
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
 
+# A residual travels as Int32Value.
+INT32_MAX = 2**31 - 1
+# The count an /update_storage_batch may carry: at most a supervisor's max_batch.
+MAX_BATCH = 256
+
 # What each request/reply path carries in, and what its reply may be. A storage that
 # does not know /update_storage_batch (farm-ng's original) replies Empty.
 REQUESTS: Mapping[str, type[Message]] = {
