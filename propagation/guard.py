@@ -37,7 +37,7 @@ import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 
 from propagation.logs import Tally
-from propagation.wire import Contract, WrongMessage, decode, shown
+from propagation.wire import Contract, WrongMessage, check_request, decode, shown
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import RequestReplyRequest, SubscribeRequest
@@ -130,7 +130,7 @@ class PathGuard(grpc.aio.ServerInterceptor):
                     "refused %d request(s) to paths this service does not serve",
                 )
             try:
-                decode(request.event, request.payload, self._contract.requests[path])
+                check_request(path, decode(request.event, request.payload, self._contract.requests[path]))
             except WrongMessage as exc:
                 await self._refuse(
                     context,

@@ -110,6 +110,18 @@ def decode(event: Event, payload: bytes, expected: tuple[type[Message], ...] | t
     raise WrongMessage(msg)
 
 
+def check_request(path: str, message: Message) -> None:
+    """Checks what a request carries against its path's range: a batch stores 1 to ``MAX_BATCH``.
+
+    Raises:
+        WrongMessage: it is off the range.
+
+    """
+    if path == "/update_storage_batch" and not 1 <= message.value <= MAX_BATCH:  # type: ignore[attr-defined]
+        msg = f"a batch of {message.value} is off 1..{MAX_BATCH}"  # type: ignore[attr-defined]
+        raise WrongMessage(msg)
+
+
 def sample_value(sample: Message | bytes) -> float | None:
     """The number a ``/sample`` ``Struct`` carries as ``"sample"``; None if it has none."""
     if not isinstance(sample, Struct) or "sample" not in sample:

@@ -135,12 +135,15 @@ def test_a_huge_batch_is_refused_at_once(services: Services, tmp_path: Path) -> 
     config = write_config(tmp_path, {"storage": {"args": ["max_storage=2000000000", "batch_size=1"]}})
     storage = services.service(config, "storage")
     started = time.monotonic()
-    reply = request(config, "storage", "/update_storage_batch", Int32Value(value=2_000_000_000))
-    assert "google.protobuf.Empty" in reply.event.uri.query
+    for count in (2_000_000_000, 0, -3):
+        code, details = raw_request(
+            config, "storage", "/update_storage_batch", Int32Value(value=count).SerializeToString(), INT32
+        )
+        assert (code, details) == ("INVALID_ARGUMENT", f"a batch of {count} is off 1..256"), count
     request(config, "storage", "/update_storage", Empty())
     assert time.monotonic() - started < 10  # bounded work: not two billion log lines
     figures = stats(config, "storage")
-    assert (figures["bad_batches"], figures["accepted"]) == (1, 1)
+    assert (figures["refused_requests"], figures["bad_batches"], figures["accepted"]) == (3, 0, 1)
     assert storage.count(r"^Storage: ") == 1
 
 
