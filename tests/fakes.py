@@ -7,7 +7,10 @@ and ``EventClient``, no extra paths or timestamps. Our scripts must work beside 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 from pathlib import Path
+from typing import Any, Iterator
 from urllib.parse import parse_qs
 
 import grpc
@@ -107,3 +110,32 @@ async def plain_supervisor(config: Path, name: str, confidence: float) -> None:
 
     own = next(entry for entry in config_list.configs if entry.name == name)
     await asyncio.gather(*(relay(subscription) for subscription in own.subscriptions))
+
+
+@contextlib.contextmanager
+def publishing_stats(config: Path, figures: dict[str, dict[str, Any]]) -> Iterator[None]:
+    """Serves each service named in ``figures`` on its port of ``config``, publishing those figures on ``/stats``.
+
+    What a stranger can publish: figures that are not what the example's services put
+    there (NaN, strings, infinity, a number for a list). Latched, five times a second,
+    from a thread of its own until the block ends.
+    """
+    stop = threading.Event()
+
+    async def serve() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            services = [await stack.enter_async_context(PlainService(config, name)) for name in figures]
+            while not stop.is_set():
+                for plain, values in zip(services, figures.values()):
+                    message = Struct()
+                    message.update(values)
+                    await plain.service.publish("/stats", message, latch=True)
+                await asyncio.sleep(0.2)
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(10)
