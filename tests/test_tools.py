@@ -23,7 +23,18 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, free_ports, raw_request, write_config
+from fakes import publishing_stats
+from helpers import (
+    ROOT,
+    STARTUP_TIMEOUT_S,
+    WAIT_TIMEOUT_S,
+    Process,
+    Services,
+    free_ports,
+    port_of,
+    raw_request,
+    write_config,
+)
 
 from tools import plot
 
@@ -112,10 +123,12 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
 
     args = ("--service-config", str(config), "--service-name", "agent-3", "--path", "/sample", "--count", "3")
     watch = finish(services.tool("watch", *args))
-    assert len(watch.lines) == 3, watch.output
-    for line in watch.lines:
+    # On stderr, merged here: that it reached the service.
+    assert watch.lines[0] == f"agent-3 is up at localhost:{port_of(config, 'agent-3')}", watch.output
+    assert len(watch.lines) == 4, watch.output
+    for line in watch.lines[1:]:
         assert re.fullmatch(r'agent-3/sample \d+ \{"sample": [0-9.e-]+, "task_id": 0\.0\}', line), line
-    sequences = [int(line.split()[1]) for line in watch.lines]
+    sequences = [int(line.split()[1]) for line in watch.lines[1:]]
     assert sequences == sorted(set(sequences)), sequences
 
     # A path without its slash: said at once. A path the service does not publish: the
@@ -139,11 +152,29 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
         assert headed.stdout.readline().startswith(b"agent-3/sample ")
         headed.stdout.close()
         assert headed.wait(STARTUP_TIMEOUT_S) == 0
-        assert headed.stderr.read() == b""
+        said = headed.stderr.read().decode().splitlines()
+        assert all(re.fullmatch(r"agent-3 is up at localhost:\d+", line) for line in said), said
     finally:
         if headed.poll() is None:
             headed.kill()
             headed.wait(5)
+
+
+def test_watch_says_when_it_cannot_reach_the_service_and_shows_invalid_figures(
+    services: Services, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    args = ("--service-config", str(config), "--service-name", "agent-3", "--path", "/stats", "--count", "1")
+    watch = services.tool("watch", *args)
+    port = port_of(config, "agent-3")
+    watch.wait_for(rf"^agent-3 is not up yet at localhost:{port}; retrying$", STARTUP_TIMEOUT_S)
+    # Up, and publishing a /stats with numbers JSON cannot hold: shown, marked invalid.
+    with publishing_stats(config, {"agent-3": {"published": float("nan"), "rate": "fast"}}):
+        assert watch.wait_exit(WAIT_TIMEOUT_S) == 0, watch.output
+    watch.wait_for(rf"^agent-3 is up at localhost:{port}$")
+    shown = watch.wait_for(r"^agent-3/stats \d+ (.*)$").group(1)
+    assert 'key: "published" value { number_value: nan }' in shown, shown
+    assert shown.endswith("(invalid: Fail to serialize NaN for Value.number_value, which would parse as string_value)")
 
 
 # A storage that fills in a fraction of a second and drains every half second: every
