@@ -22,6 +22,8 @@ port only, and refuses any request but ``/start/record_default`` (carrying an
 
 from __future__ import annotations
 
+import propagation.venv  # noqa: F401  (first: checks for .venv)
+
 import argparse
 import asyncio
 import sys
