@@ -389,3 +389,15 @@ def test_every_mark_of_the_fill_panel_is_on_the_page_and_in_the_legend() -> None
     assert any(label.startswith("it resumed") and "per agent" in label for label in labels), labels
     # The fill at the start sits on the y-axis: drawn over it, not clipped away under it.
     assert list(at_start.get_xdata()) == [0] and not at_start.get_clip_on()
+
+
+@pytest.mark.parametrize("tool", ["launch", "monitor", "watch", "recorder", "read_recording", "plot", "bench"])
+def test_without_the_venv_a_tool_says_how_to_get_it(tool: str) -> None:
+    # -S: this Python without its site-packages, as python3 outside .venv.
+    argv = [sys.executable, "-S", "-m", f"tools.{tool}", "--help"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=WAIT_TIMEOUT_S, check=False)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert result.stderr == (
+        f"error: tools.{tool} needs the packages of requirements.txt (farm_ng is missing from {sys.executable}):"
+        " run ./run.sh --setup, then . .venv/bin/activate\n"
+    )
