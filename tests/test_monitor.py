@@ -34,7 +34,8 @@ ONCE_EXIT_S = WAIT_TIMEOUT_S
 
 
 LEGEND = re.compile(
-    r"^x/s: over the last 3 s; counts: since the service started, \(\+n\) over the (last minute|\d+ s watched)$"
+    r"^x/s: over the (last 3 s|\d s watched); counts: since the service started,"
+    r" \(\+n\) over the (last minute|\d+ s watched)$"
 )
 # A count: its total since the service started and how much it grew over the last minute.
 COUNT = re.compile(r"^(\d+) \(\+(\d+)\)$")

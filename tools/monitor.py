@@ -238,12 +238,9 @@ def legend(views: list[ServiceView], look: Look) -> str:
     """What the figures mean, in one line."""
     # Growth over the last minute; a monitor that started a moment ago saw less of it.
     watched = max((view.history[-1].sent - view.history[0].sent for view in views if view.history), default=0.0)
+    rates = f"the {watched:.0f} s watched" if 0 < watched < RATE_WINDOW_S else f"the last {RATE_WINDOW_S:g} s"
     lately = f"the {watched:.0f} s watched" if 0 < watched < RECENT_S - DOWN_AFTER_S else "the last minute"
-    parts = [
-        f"x/s: over the last {RATE_WINDOW_S:g} s",
-        f"counts: since the service started, (+n) over {lately}",
-        look.keys,
-    ]
+    parts = [f"x/s: over {rates}", f"counts: since the service started, (+n) over {lately}", look.keys]
     return "; ".join(part for part in parts if part)
 
 
