@@ -78,7 +78,7 @@ def test_bench_stops_its_services_on_ctrl_c(
 
 def test_both_plans_fill_the_same_rows() -> None:
     # The full plan measures each agent-rate row in a step of its own, --quick in one.
-    full, quick = bench.plan(bench.Table(), 1.0), bench.plan(bench.Table(), 1.0, quick=True)
+    full, quick = bench.plan(bench.Table()), bench.plan(bench.Table(), quick=True)
     assert len(quick) == len(full) - len(bench.OWN_RATE_STEPS) + 1
     assert [step.what for step in quick if "side by side" in step.what] == [
         "agents at 10 Hz x 1, 100 Hz x 1, 100 Hz x 10, side by side"

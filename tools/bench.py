@@ -48,7 +48,7 @@ import psutil
 from farm_ng.core.event_service_pb2 import SubscribeRequest
 from farm_ng.core.uri_pb2 import Uri
 
-from propagation.config import ConfigError, read_config
+from propagation.config import ConfigError, read_config, role_of
 from propagation.peers import PeerClient
 from tools import processes
 from tools.bench_system import BENCH_CLIENT, BenchError, Service, System, Window, floor, measure
@@ -226,7 +226,7 @@ def default_entries(in_flight: int, agent_3_rate: float | None = None) -> list[d
     entries = []
     for entry in processes.start_order(read_config(str(processes.ROOT / "service_config.json"))):
         raw = dict(entry.raw)
-        if entry.name.startswith("supervisor"):
+        if role_of(entry) == "supervisor":
             kept = [arg for arg in entry.args if not arg.replace(" ", "").startswith("max_")]
             raw["args"] = [*kept, *relay_design(in_flight)]
         if entry.name == "agent-3" and agent_3_rate is not None:
@@ -300,7 +300,7 @@ class Step:
     counted: str | None = None  # an agent whose /sample sequence numbers to count
 
 
-def plan(table: Table, window_s: float, quick: bool = False) -> list[Step]:
+def plan(table: Table, quick: bool = False) -> list[Step]:
     """Every step of one run, filling ``table``; the two columns of a row are measured one right after the other.
 
     With ``quick``, the agent-rate steps run side by side as one step.
@@ -455,7 +455,7 @@ class Runner:
 async def run_once(table: Table, directory: Path, window_s: float, jobs: int, quick: bool) -> None:
     """One run of every step, and the floor, into ``table``."""
     runner = Runner(directory, window_s, jobs)
-    steps = plan(table, window_s, quick)
+    steps = plan(table, quick)
     print(f"[0/{len(steps)}] floor: a bare farm-ng-core call and event", file=sys.stderr, flush=True)
     table.floor.add(IN_FLIGHT[0], *await floor(window_s))
     running = [asyncio.ensure_future(runner.run(step, index, len(steps))) for index, step in enumerate(steps, 1)]
