@@ -53,7 +53,8 @@ def test_bench_prints_every_row(services: Services, tmp_path: Path, monkeypatch:
         assert NUMBER.search(many), f"{row.label}: {many!r}"
         if row.better:
             assert NUMBER.search(one), f"{row.label}: {one!r}"
-            assert re.fullmatch(r"(x\d+\.\d\d|-)( / (x\d+\.\d\d|-))*", better), f"{row.label}: {better!r}"
+            ratio = r"(x\d+\.\d\d|x>100|-)"
+            assert re.fullmatch(rf"{ratio}( / {ratio})*", better), f"{row.label}: {better!r}"
         else:
             assert (one, better) == ("", ""), row.label
     assert "Traceback" not in output
@@ -91,10 +92,12 @@ def test_every_ratio_says_how_many_times_better_the_default_does() -> None:
     row.add(8, 5, 200, 1000)
     row.add(1, 10, 100, 1000)
     assert row.cells() == ["5 / 200 / 1000", "10 / 100 / 1000", "x2.00 / x2.00 / -"]
-    row.add(8, 0, 300, 1000)  # a second run: medians; a 0 cannot be divided
+    row.add(8, 0, 300, 1000)  # a second run: medians
     row.add(1, 10, 100, 1000)
     assert row.cells()[2] == "x4.00 / x2.50 / -"
-    assert bench.times_better("<", 0.0, 3.0) == "-"
+    # None lost against some: as good as it gets; none on either side: the same.
+    assert (bench.times_better("<", 0.0, 3.0), bench.times_better("<", 0.0, 0.0)) == ("x>100", "-")
+    assert bench.times_better(">", 1.0, float("nan")) == "-"
 
 
 def test_counters_are_read_over_one_interval_for_every_service() -> None:

@@ -124,10 +124,11 @@ def shown(form: str, numbers: tuple[float, ...] | None) -> str:
 
 
 def times_better(kind: str, own: float, other: float) -> str:
-    """How many times better ``own`` is than ``other``: ``x2.00``; ``-`` if it cannot tell (a 0 or NaN)."""
-    if not (own > 0 and other > 0 and math.isfinite(own) and math.isfinite(other)):
+    """How many times better ``own`` is than ``other``: ``x2.00``, ``x>100`` (0 against some); else ``-``."""
+    above, below = (other, own) if kind == "<" else (own, other)
+    if not (math.isfinite(above) and math.isfinite(below) and above >= 0 and below >= 0) or above == below == 0:
         return "-"
-    return f"x{other / own if kind == '<' else own / other:.2f}"
+    return "x>100" if above > 100 * below else f"x{above / below:.2f}"
 
 
 class Table:
@@ -486,24 +487,21 @@ def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, load
         f" farm-ng-core {package_version('farm-ng-core')}, protobuf {package_version('protobuf')}",
         f"{runs} run(s), medians shown; each step's figures over one interval of about {window_s:g} s, the same for",
         "  all its services (each counter read between its service's /stats, once a second, around the ends).",
-        "default is x better: the default's figure over one at a time's, turned so that above x1 the default does",
-        "  better (lower latency, CPU, memory, losses; more stored); '-': an offered load, or a 0 on either side.",
-        "Agent rates: ±, one sample in the window: over a short window a slow rate reads coarsely (10 Hz in 1 s",
-        "  is 10 samples give or take one), not a slow agent.",
+        "default is x better: above x1 the default does better than one at a time (lower latency, CPU, memory,",
+        "  losses; more stored); x>100: none against some; '-': an offered load, or 0 on both sides.",
+        "Agent rates: ±, one sample in the window: 10 Hz over 1 s is 10 samples give or take one, not a slow agent.",
         "Agent rates, relay steps, ceiling, CPU, RSS: one agent task -> one supervisor (confidence=0) -> storage",
         "  that never fills, every service at log_level WARNING (the INFO row: the same at INFO, output to a pipe).",
         *(
             [f"  --quick: the agent-rate rows of {side_by_side} ran side by side, each with its own supervisor."]
             * quick
         ),
-        "Relay rows: published - stored - lost is how much the backlog grew over the interval (samples on their way",
-        "  to the supervisor, queued there or in flight to storage): stored/s a little above published/s is a backlog",
-        "  drained within the interval; far below it with few lost, a backlog building up (the supervisor lags).",
+        "Relay rows: published - stored - lost is how much the backlog grew over the interval: stored/s a little",
+        "  above published/s is a backlog drained; far below it with few lost, one building up (the supervisor lags).",
         "Latency: service_config.json as it is (log_level INFO): agent publish -> residual back at the agent;",
-        "  unstored: samples above confidence the supervisor dropped, could not store or storage refused, plus",
-        "  those the agent's server dropped from the supervisor's subscription queue.",
-        "Floor: the CPU of the least a relay could do with farm-ng-core, measured in this process in the same run;",
-        "  in floors: each process's CPU per relay over 2 bare calls + 1 bare event (what a relay at least takes).",
+        "  unstored: dropped, not stored or refused by the supervisor, or dropped from its queue by the agent.",
+        "Floor: the CPU of a bare farm-ng-core call and event, both ends, in this process, in the same run; in floors:",
+        "  each process's CPU per relay over 2 calls + 1 event, the least a relay takes with farm-ng-core.",
     ]
     checks = [f"{jobs} steps ran at once: these figures are not measurements"] * (jobs > 1)
     if loads[1] > (os.cpu_count() or 1):
