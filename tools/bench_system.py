@@ -91,7 +91,7 @@ class Service:
         try:
             served = asyncio.ensure_future(service.until(lambda: bool(service.stats), "/stats"))
             exited = asyncio.ensure_future(service.process.wait())
-            await asyncio.wait([served, exited], timeout=processes.READY_TIMEOUT_S, return_when="FIRST_COMPLETED")
+            await asyncio.wait([served, exited], timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
             for waiting in (served, exited):
                 waiting.cancel()
             if not service.stats:
