@@ -93,6 +93,10 @@ def test_launcher_starts_all_and_stops_on_ctrl_c(services: Services, tmp_path: P
     launcher.wait_for(r"^\[launch\] stopped all 6 services$")
 
 
+# A config of storage and agent-3 only: enough for what the launcher does, and cheap.
+STORAGE_AND_AGENT_3 = {name: None for name in ("supervisor-1", "supervisor-2", "agent-1", "agent-2")}
+
+
 def launch(services: Services, config: Path, *args: str) -> Process:
     """Starts the launcher on ``config``."""
     return services.tool("launch", "--service-config", str(config), *args, label="launch")
@@ -155,7 +159,7 @@ def test_restart_brings_a_service_back_and_gives_up_on_fast_failures(services: S
 
 
 def test_the_launcher_ends_when_every_service_is_gone(services: Services, tmp_path: Path) -> None:
-    config = write_config(tmp_path, {name: None for name in ("supervisor-1", "supervisor-2", "agent-1", "agent-2")})
+    config = write_config(tmp_path, STORAGE_AND_AGENT_3)
     launcher = launch(services, config)
     launcher.wait_for(r"^\[launch\] all 2 services are serving", timeout=STARTUP_TIMEOUT_S)
     os.kill(pid_of(launcher, "agent-3"), signal.SIGKILL)
@@ -176,7 +180,7 @@ def test_a_service_that_logs_above_info_is_ready_when_it_listens(services: Servi
 
 
 def test_launcher_exits_1_when_a_service_does_not_stop(services: Services, tmp_path: Path) -> None:
-    config = write_config(tmp_path, {name: None for name in ("supervisor-1", "supervisor-2", "agent-1", "agent-2")})
+    config = write_config(tmp_path, STORAGE_AND_AGENT_3)
     launcher = launch(services, config)
     launcher.wait_for(r"^\[launch\] all 2 services are serving", timeout=STARTUP_TIMEOUT_S)
     os.kill(pid_of(launcher, "agent-3"), signal.SIGSTOP)  # deaf to SIGTERM until killed
@@ -201,7 +205,7 @@ def test_launcher_fails_when_a_service_cannot_start(services: Services, tmp_path
 @pytest.mark.parametrize("holder", ["another launcher", "another program"])
 def test_a_port_in_use_is_never_reported_as_serving(services: Services, tmp_path: Path, holder: str) -> None:
     # A plain TCP connect to storage's port would find the other one there and call it serving.
-    config = write_config(tmp_path, {name: None for name in ("supervisor-1", "supervisor-2", "agent-1", "agent-2")})
+    config = write_config(tmp_path, STORAGE_AND_AGENT_3)
     port = port_of(config, "storage")
     with socket.socket() as squatter:
         if holder == "another program":
