@@ -153,6 +153,7 @@ class Launcher:
         self._services: list[Service] = []
         self._monitor: asyncio.subprocess.Process | None = None
         self._deaths = 0
+        self._monitor_gone = ""  # why the launcher ends, for the terminal once the monitor has left it
 
     def say(self, line: str) -> None:
         """Prints one line of the launcher's own (to the log too, with the monitor)."""
@@ -243,6 +244,8 @@ class Launcher:
             await asyncio.gather(keepers, return_exceptions=True)
         if keepers in done:
             self.say("every service is gone; nothing left to run")
+            if self._monitor is not None:  # it had the terminal: say it there too, once it is gone
+                self._monitor_gone = f"every service is gone; their last lines are in {self._monitor_log}"
             return 1
         if stopping in done:
             return 0
@@ -299,6 +302,8 @@ class Launcher:
         """
         if self._monitor is not None:
             await processes.stop([self._monitor])  # stuck on a stalled terminal, say: killed after the deadline
+            if self._monitor_gone:
+                self._terminal.write(f"[launch] {self._monitor_gone}")
         running = [service for service in self._services if service.is_running()]
         await processes.stop([service.process for service in running if service.process is not None])
         if running:  # their last lines
