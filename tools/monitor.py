@@ -3,23 +3,14 @@
     python -m tools.monitor --service-config service_config.json          # live, in the terminal
     python -m tools.monitor --service-config service_config.json --once   # one plain-text snapshot
 
-Each service publishes its counters on ``/stats`` (a latched ``Struct``) every second.
-The monitor subscribes to them all and turns two ``/stats`` of a service into rates:
-counters only grow, so a rate is the difference of two counters over the time between
-them, by the service's own send stamps. Rates per second span the last ``RATE_WINDOW_S``;
-a count shows its total since the service started and, beside it, how much it grew over
-the last minute (``unsent 2 (0/min)``: two in all, none lately; a monitor that started
-a moment ago counts what it saw). A service that sent no ``/stats`` for ``DOWN_AFTER_S``
-shows as down, with how long ago and when the monitor last heard from it (or "never
-seen"); one whose counters started over restarted, and the summary line says when and
-after how long a gap. A figure that is not a number shows as ``invalid``. The monitor may
-start before, after or without any service, and keeps going while they stop and restart.
-
-In a terminal, q or Ctrl-C quits and ? explains the columns: keys are read without
-waiting for Enter, and the terminal is put back as it was on the way out. Columns that
-do not fit the terminal's width are left out, and a line under the table names them.
-When stdout is not a terminal it prints a plain-text snapshot every second instead of
-the live view; Ctrl-C stops it.
+It subscribes to every service's ``/stats`` (latched, once a second). Counters only grow,
+so a rate is the difference of two of them over the time between, by the service's own
+send stamps; a count shows its total and its growth over the last minute (``unsent 2
+(+0)``). A service silent for ``DOWN_AFTER_S`` is down; one whose counters started over
+restarted; a figure that is not a number is ``invalid``. It may start before, after or
+without any service. In a terminal q or Ctrl-C quits and ? explains the columns (keys are
+read without Enter; the terminal is put back on the way out), and columns that do not fit
+are left out and named; otherwise it prints a plain-text snapshot every second.
 """
 
 from __future__ import annotations
@@ -64,7 +55,7 @@ DOWN_AFTER_S = 2.5
 # moments of a fill and drain cycle, short enough to follow a change.
 RATE_WINDOW_S = 3.0
 # Counts show how much they grew over this long: a total that stopped growing (unsent 2,
-# long ago) reads as 0/min, not as a problem going on.
+# long ago) reads as +0, not as a problem going on.
 RECENT_S = 60.0
 REFRESH_S = 0.5
 # --once waits for this many /stats of each service (two intervals for the rates),

@@ -3,35 +3,17 @@
     python -m tools.plot recordings -o fill.png     # the newest recording there
     python -m tools.plot RECORDING.0000.bin         # writes RECORDING.0000.png
 
-The plot draws what the services published as it happened (``record_config.json``
-records it): storage's ``/level`` and ``/stats``, and each agent's ``/sample``,
-``/pauses`` and ``/stats``.
-
-- The upper panel is storage's fill, from ``/level``: storage publishes it before and
-  after each drain and when the count reaches ``max_storage``, so the line reaches
-  ``max_storage`` whenever storage refused a store. A recording without ``/level`` (a
-  storage that does not publish it) falls back to the ``count`` of ``/stats``, once a
-  second, and ``max_storage - residual`` after each drain: that line misses most peaks.
-- A triangle down marks where an agent paused, a triangle up where it resumed: each is
-  one transition the agent published on ``/pauses``, at the time it sent it.
-- The lower panel is each agent's samples/s, from the send stamps of its ``/sample``.
-
-Times are seconds since the recording started: the first event the recorder received.
-A latched message (the last one a service published before the recorder subscribed)
-arrives first, with its old send stamp: it is not drawn where it was sent. The last
-``/level`` before the start is the fill at the start (a hollow circle at 0); the agents'
-latched ``/pauses`` and ``/stats`` give their counters at the start.
-
-Plotting prints, for each agent, its marks beside its own counters over the recording
-(``agent-1: 7 pauses, 7 resumes (its counters: +7, +7)``), and for storage whether the
-line was at ``max_storage`` in each second in which its ``refused`` counter grew. Marks
-fewer than the counters mean ``/pauses`` events are missing from the recording.
-
-All stamps are read on one monotonic clock: the services and the recorder must run on
-one host.
-
-Needs matplotlib (``pip install matplotlib``; requirements-dev.txt pins it); the
-services do not.
+What the services published as it happened (``record_config.json`` records it). The upper
+panel is storage's fill from ``/level`` (published before and after each drain and when
+full, so the line reaches ``max_storage`` at every refusal; without ``/level``, the coarser
+``/stats`` and ``/residual``), with a mark at each pause and resume an agent published on
+``/pauses``. The lower panel is each agent's samples/s, from its ``/sample`` send stamps.
+Time 0 is when the recording started: a latched message (sent before the recorder
+subscribed) is the state at 0, not drawn where it was sent. Plotting prints each agent's
+marks beside its own counters (``agent-1: 7 pauses, 7 resumes (its counters: +7, +7)``)
+and whether the line is at ``max_storage`` wherever storage's ``refused`` grew. All stamps
+are on one monotonic clock: the services and the recorder run on one host. Needs
+matplotlib (requirements-dev.txt); the services do not.
 """
 
 from __future__ import annotations
