@@ -10,11 +10,6 @@ if [ "${1:-}" != "--all-pythons" ]; then
   exec .venv/bin/python -m pytest "$@"
 fi
 shift
-# pyenv's shims answer for python3.X only when that version is selected.
-if command -v pyenv >/dev/null 2>&1; then
-  PYENV_VERSION=$(pyenv versions --bare | tr '\n' ':' | sed 's/:$//')
-  export PYENV_VERSION
-fi
 # The Python of .venv is what ./test.sh itself tests.
 in_venv=$(.venv/bin/python -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || true)
 ran=() skipped=() failed=()

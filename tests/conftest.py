@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import pytest
-from helpers import Services, kill_leftovers, write_config
+from helpers import Services, kill_leftovers
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -41,14 +41,3 @@ def services(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Service
                 print(f"----- {process.label} (exit {process.popen.returncode}), last lines:\n{tail}")
         elif leftovers:
             pytest.fail("processes outlived the test:\n" + "\n".join(leftovers))
-
-
-@pytest.fixture
-def config_factory(tmp_path: Path) -> Callable[..., Path]:
-    """Writes configs with free ports: ``config_factory({"storage": {...}})``."""
-    counter = iter(range(1000))
-
-    def make(changes: dict[str, dict[str, Any]] | None = None) -> Path:
-        return write_config(tmp_path, changes, name=f"config-{next(counter)}.json")
-
-    return make

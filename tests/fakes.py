@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 from urllib.parse import parse_qs
 
 import grpc
@@ -119,10 +119,8 @@ class SlowAgent(PlainService):
     def __init__(self, config: Path, name: str, answer_after: float | None) -> None:
         super().__init__(config, name)
         self.answer_after = answer_after
-        self.calls = 0
 
     async def on_request(self, event: Event, message: Message) -> Message:
-        self.calls += 1
         if self.answer_after is None:
             await asyncio.Event().wait()  # never
         await asyncio.sleep(self.answer_after)  # readiness-free: the slowness itself
@@ -134,19 +132,26 @@ class SlowAgent(PlainService):
             await asyncio.sleep(1 / rate)  # readiness-free: its publish rate
 
 
+class FloodingStorage(PlainStorage):
+    """A storage that publishes ``/residual`` at about ``rate`` a second, in bursts."""
+
+    async def publish_until(self, stop: threading.Event, rate: float) -> None:
+        residual = Int32Value(value=5)
+        while not stop.is_set():
+            for _ in range(int(rate / 100)):
+                await self.service.publish("/residual", residual)
+            await asyncio.sleep(0.01)  # readiness-free: its publish rate
+
+
 @contextlib.contextmanager
-def serving_in_thread(fake: Callable[[], PlainService], rate: float) -> Iterator[None]:
-    """Serves ``fake()`` in a thread of its own, publishing at ``rate``, until the block ends."""
+def in_a_thread(serve: Callable[[threading.Event], Awaitable[None]]) -> Iterator[None]:
+    """Runs ``serve(stop)`` in an event loop of its own, in a thread, until the block ends and sets ``stop``."""
     stop = threading.Event()
     errors: list[BaseException] = []
 
-    async def main() -> None:
-        async with fake() as service:
-            await service.publish_until(stop, rate)  # type: ignore[attr-defined]
-
     def run() -> None:
         try:
-            asyncio.run(main())
+            asyncio.run(serve(stop))
         except BaseException as exc:  # reported by the test
             errors.append(exc)
 
@@ -157,15 +162,35 @@ def serving_in_thread(fake: Callable[[], PlainService], rate: float) -> Iterator
     finally:
         stop.set()
         thread.join(10)
-        assert not errors, errors
+    assert not errors, errors
 
 
-class FloodingStorage(PlainStorage):
-    """A storage that publishes ``/residual`` as fast as it can (or at ``rate``)."""
+def serving_in_thread(fake: Callable[[], PlainService], rate: float) -> contextlib.AbstractContextManager[None]:
+    """Serves ``fake()`` in a thread of its own, publishing at ``rate``, until the block ends."""
 
-    async def publish_until(self, stop: threading.Event, rate: float) -> None:
-        residual = Int32Value(value=5)
-        while not stop.is_set():
-            for _ in range(int(rate / 100)):
-                await self.service.publish("/residual", residual)
-            await asyncio.sleep(0.01)  # readiness-free: its publish rate, in bursts
+    async def serve(stop: threading.Event) -> None:
+        async with fake() as service:
+            await service.publish_until(stop, rate)  # type: ignore[attr-defined]
+
+    return in_a_thread(serve)
+
+
+def publishing_stats(config: Path, figures: dict[str, dict[str, Any]]) -> contextlib.AbstractContextManager[None]:
+    """Serves each service named in ``figures`` on its port of ``config``, publishing those figures on ``/stats``.
+
+    What a stranger can publish: figures that are not what the example's services put
+    there (NaN, strings, infinity, a number for a list). Latched, five times a second,
+    from a thread of its own until the block ends.
+    """
+
+    async def serve(stop: threading.Event) -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            services = [await stack.enter_async_context(PlainService(config, name)) for name in figures]
+            while not stop.is_set():
+                for plain, values in zip(services, figures.values()):
+                    message = Struct()
+                    message.update(values)
+                    await plain.service.publish("/stats", message, latch=True)
+                await asyncio.sleep(0.2)  # readiness-free: its publish period
+
+    return in_a_thread(serve)

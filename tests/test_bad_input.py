@@ -49,24 +49,6 @@ def entry_with(tmp_path: Path, name: str, **fields: Any) -> Path:
     return write_config(tmp_path, {name: fields})
 
 
-@pytest.mark.parametrize(
-    ("script", "name", "args", "expected"),
-    [
-        ("agent.py", "agent-1", ["rate=0", "num_tasks=2"], "arg rate=0 must be in 0.01..10000"),
-        ("supervisor.py", "supervisor-1", ["confidence=1.5"], "arg confidence=1.5 must be in 0..1"),
-        (
-            "storage.py",
-            "storage",
-            ["max_storage=10", "batch_size=11"],
-            "arg batch_size=11 must be in 1..max_storage (10)",
-        ),
-    ],
-)
-def test_bad_args(services: Services, tmp_path: Path, script: str, name: str, args: list[str], expected: str) -> None:
-    line = fails_with(services, script, entry_with(tmp_path, name, args=args), name, expected)
-    assert line == f"error: service '{name}': {expected}"
-
-
 @pytest.mark.parametrize("problem", ["arg", "port"])
 def test_bad_input_is_one_line_and_serves_nothing(tmp_path: Path, problem: str) -> None:
     args = ["max_storage=0", "batch_size=1"] if problem == "arg" else ["max_storage=5", "batch_size=1"]

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fakes import publishing_stats
 from helpers import ROOT, STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Process, Services, write_config
 
 from tools import monitor
@@ -24,15 +25,20 @@ from tools import monitor
 # Agents and the agents each supervisor subscribes to, as in service_config.json.
 SUPERVISED = {"supervisor-1": ("agent-1", "agent-2"), "supervisor-2": ("agent-3",)}
 MAX_STORAGE = 500
+# The counts of a supervisor's row, as many as its /stats carries of these.
+FAILURES = ("refused", "not stored", "unconfirmed", "dropped", "unsent", "wakeups")
 # A generous bound on the propagation latency: it is a few ms on a quiet machine.
 MAX_LATENCY_MS = 1000.0
 # --once takes up to about 4 s; more allows for a busy machine.
 ONCE_EXIT_S = WAIT_TIMEOUT_S
 
 
-LEGEND = "x/s: over the last 3 s; counts: since the service started, (n/min) over the last minute watched"
-# A count: its total since the service started and how fast it grew over the last minute.
-COUNT = re.compile(r"^(\d+) \((\d+)/min\)$")
+LEGEND = re.compile(
+    r"^x/s: over the (last 3 s|\d s watched); counts: since the service started,"
+    r" \(\+n\) over the (last minute|\d+ s watched)$"
+)
+# A count: its total since the service started and how much it grew over the last minute.
+COUNT = re.compile(r"^(\d+) \(\+(\d+)\)$")
 DOWN_SINCE = r"down for \d+ s, last seen \d\d:\d\d:\d\d"
 
 
@@ -41,22 +47,24 @@ def snapshot(services: Services, config: Path) -> dict[str, list[str]]:
     once = services.tool("monitor", "--service-config", str(config), "--once", label="monitor --once")
     assert once.wait_exit(ONCE_EXIT_S) == 0, once.output
     assert "Traceback" not in once.output, once.output
-    assert once.lines[1] == LEGEND, once.output
+    assert LEGEND.match(once.lines[1]), once.output
     rows = {}
     for line in once.lines:
         # Columns are two spaces apart or more; a cell holds single spaces at most.
         cells = re.split(r"\s{2,}", line.strip())
-        # A service's row: its name, then "up" or "down ..." (the header says "state").
-        if len(cells) > 1 and re.match(r"^(agent|supervisor|storage)-?\d*$", cells[0]) and cells[1] != "state":
+        # A service's row: its name, then "up" or "down ..."; a table's header: its role, then "state".
+        if len(cells) > 1 and re.match(r"^(agent|supervisor|storage)-?\d*$", cells[0]):
             rows[cells[0]] = cells[1:]
     return rows
 
 
 def assert_count(cell: str) -> int:
-    """Checks a count cell (``2 (0/min)``); returns the total."""
+    """Checks a count cell (``2 (+0)``): it grew lately by no more than its total; returns the total."""
     match = COUNT.match(cell)
     assert match, cell
-    return int(match.group(1))
+    total, lately = int(match.group(1)), int(match.group(2))
+    assert lately <= total, cell
+    return total
 
 
 def configured_rate(cell: str) -> float:
@@ -85,7 +93,7 @@ def assert_agent_row(name: str, cells: list[str]) -> float:
     assert_near(achieved, expected, name)
     assert 0 <= int(remainder) <= MAX_STORAGE, cells
     assert paused == "no", cells
-    assert assert_count(pauses) >= 0, cells
+    assert_count(pauses)
     match = re.fullmatch(r"(\S+)/(\S+) ms", latency)
     assert match, f"{name} shows no latency: {cells}"
     p50, p99 = float(match.group(1)), float(match.group(2))
@@ -99,8 +107,9 @@ def assert_supervisor_row(name: str, cells: list[str], expected_received: float)
     assert agents == ", ".join(SUPERVISED[name]), cells  # what it says it serves, in its /stats
     assert_near(received, expected_received, name)
     assert 0 < float(stored) <= float(received), cells
-    assert len(failures) == 4, cells  # refused, not stored, dropped, unsent
-    assert all(assert_count(cell) >= 0 for cell in failures), cells
+    assert len(failures) >= 4, cells  # refused, not stored, dropped, unsent at least
+    for cell in failures:
+        assert_count(cell)
 
 
 def assert_storage_row(cells: list[str]) -> None:
@@ -110,12 +119,16 @@ def assert_storage_row(cells: list[str]) -> None:
     assert match, cells
     assert 0 <= int(match.group(1)) <= int(match.group(2)) == MAX_STORAGE, cells
     assert float(stores) > 0, cells
-    assert float(drains) >= 0, cells
-    assert assert_count(refused) >= 0, cells
+    # Over a window of 2 s or more it cannot drain more than it stored and held before.
+    assert 0 <= float(drains) <= float(stores) + MAX_STORAGE / 2, cells
+    assert_count(refused)
 
 
 def assert_all_up_and_plausible(rows: dict[str, list[str]]) -> None:
-    assert set(rows) == {"agent-1", "agent-2", "agent-3", "supervisor-1", "supervisor-2", "storage"}, rows
+    services = {"agent-1", "agent-2", "agent-3", "supervisor-1", "supervisor-2", "storage"}
+    assert set(rows) == {"agent", "supervisor", *services}, rows
+    counts = rows["supervisor"][4:]  # after state, agents, received/s, stored/s
+    assert counts == [heading for heading in FAILURES if heading in counts], rows["supervisor"]
     configured = {name: assert_agent_row(name, rows[name]) for name in ("agent-1", "agent-2", "agent-3")}
     for supervisor, agents in SUPERVISED.items():
         assert_supervisor_row(supervisor, rows[supervisor], sum(configured[agent] for agent in agents))
@@ -144,7 +157,7 @@ def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_pat
     # prints a plain snapshot every second.
     live = services.tool("monitor", "--service-config", str(config), label="monitor")
     live.wait_for(r"^storage\s+down, never seen$", timeout=WAIT_TIMEOUT_S)
-    assert LEGEND in live.lines, live.output
+    assert any(LEGEND.match(line) for line in live.lines), live.output
     # Supervisors last: they reach their agents at once, so that the rates they show
     # do not include a second of reconnecting to an agent that was not up yet.
     running = start_together(services, config, ["storage", "agent-1", "agent-2", "agent-3"])
@@ -167,22 +180,44 @@ def test_monitor_shows_every_service_and_who_is_down(services: Services, tmp_pat
     # Back again: the live monitor carries on and shows its figures.
     running["agent-2"] = services.service(config, "agent-2")
     wait_row(live, "agent-2", "up")
+    # The summary says it restarted, and after how long a gap.
+    live.wait_for(r"; restarted: agent-2 at \d\d:\d\d:\d\d after \d+ s down$", start=len(live.lines) - 40)
     live.signal(signal.SIGINT)
     assert live.wait_exit(5) == 0, live.output
     assert "Traceback" not in live.output
 
 
+def cell(view: monitor.ServiceView, heading: str) -> str:
+    """What the monitor shows in column ``heading`` of a service that is up."""
+    column = next(column for column in monitor.TABLES[view.role] if column.heading == heading)
+    return column.cell(view, monitor.PLAIN)
+
+
 def test_counts_show_the_last_minute_beside_the_total(tmp_path: Path) -> None:
-    view = next(view for view in monitor.views_of(str(write_config(tmp_path))) if view.name == "supervisor-1")
+    views = monitor.views_of(str(write_config(tmp_path)))
+    view = next(view for view in views if view.name == "supervisor-1")
     assert view.down_for(now=100.0) == "down, never seen"
     # Two unsent at the start, none for the next 70 s: a total of 2, none lately.
     for second in range(71):
         figures = {"unsent": 2, "refused": second // 10, "received": 100 * second}
         view.add(monitor.Stats(sequence=second, sent=1000.0 + second, figures=figures), now=second)
-    assert monitor.count(view, "unsent") == "2 (0/min)"
-    assert monitor.count(view, "refused") == "7 (6/min)"  # one every 10 s
-    assert monitor.per_second(view.rate("received")) == "100.0"
+    assert cell(view, "unsent") == "2 (+0)"
+    assert cell(view, "refused") == "7 (+6)"  # one every 10 s
+    assert cell(view, "received/s") == "100.0"
+    assert cell(view, "not stored") == "-"  # a figure its /stats does not carry
     assert view.down_for(now=82.4).startswith("down for 12 s, last seen ")
+    assert "(+n) over the last minute" in monitor.legend(views, monitor.PLAIN)
+
+
+def test_a_count_never_shows_more_lately_than_in_all(tmp_path: Path) -> None:
+    # 531 in the 19 s watched: +531, not 1675 "a minute"; 100 of them came before it watched.
+    views = monitor.views_of(str(write_config(tmp_path)))
+    view = next(view for view in views if view.name == "supervisor-1")
+    for second in range(20):
+        figures = {"not_stored": 100 + round(431 * second / 19)}
+        view.add(monitor.Stats(sequence=second, sent=1000.0 + second, figures=figures), now=second)
+    assert cell(view, "not stored") == "531 (+431)"
+    assert "(+n) over the 19 s watched" in monitor.legend(views, monitor.PLAIN)
 
 
 def test_monitor_reports_a_bad_config(services: Services, tmp_path: Path) -> None:
@@ -197,17 +232,19 @@ class TerminalProcess:
     Duck-typed like ``helpers.Process`` for the ``services`` fixture, which stops it.
     """
 
-    def __init__(self, label: str, argv: list[str]) -> None:
+    def __init__(self, label: str, argv: list[str], columns: int = 160) -> None:
         self.label = label
         self.lines: list[str] = []
         self.master, self.terminal = pty.openpty()
-        # 40 rows of 120 columns: wide enough for every table.
-        fcntl.ioctl(self.terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        # 40 rows of 160 columns: wide and tall enough for every table.
+        fcntl.ioctl(self.terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
         self.settings = termios.tcgetattr(self.terminal)
         self._output = b""
         self._lock = threading.Lock()
         self._done = threading.Event()
-        env = dict(os.environ, TERM="xterm-256color", PYTHONUNBUFFERED="1")
+        # Its size is the terminal's, as for a person: not COLUMNS or LINES a test runner may set.
+        env = {key: value for key, value in os.environ.items() if key not in ("COLUMNS", "LINES")}
+        env.update(TERM="xterm-256color", PYTHONUNBUFFERED="1")
         self.popen = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdin=self.terminal, stdout=self.terminal, stderr=self.terminal
         )
@@ -274,3 +311,55 @@ def test_live_view_in_a_terminal_quits_on_q_and_restores_the_terminal(services: 
     except subprocess.TimeoutExpired:
         pytest.fail(f"q did not stop the monitor:\n{monitor.lines[-20:]}")
     assert termios.tcgetattr(monitor.terminal) == monitor.settings
+
+
+def test_a_narrow_terminal_names_the_columns_it_leaves_out_and_question_mark_explains(
+    services: Services, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)  # nothing runs there: the headers alone are wider than 80
+    argv = [sys.executable, "-m", "tools.monitor", "--service-config", str(config)]
+    monitor = TerminalProcess("monitor (80 columns)", argv, columns=80)
+    services.started.append(monitor)  # type: ignore[arg-type]
+    monitor.wait_for_text("? explains the columns", timeout=STARTUP_TIMEOUT_S)
+    monitor.wait_for_text("(not shown: latency p50/p99; a wider terminal shows them)", timeout=WAIT_TIMEOUT_S)
+    monitor.wait_for_text("(not shown: unsent; a wider terminal shows them)", timeout=WAIT_TIMEOUT_S)
+    monitor.type(b"?")
+    monitor.wait_for_text("residuals it could not deliver to an agent", timeout=WAIT_TIMEOUT_S)
+    monitor.wait_for_text("stores refused because it was full", timeout=WAIT_TIMEOUT_S)
+    monitor.type(b"q")
+    assert monitor.popen.wait(WAIT_TIMEOUT_S) == 0
+
+
+# What a stranger can publish on /stats: not the numbers, lists and flags the services put there.
+NAN, INF = float("nan"), float("inf")
+MALFORMED = {
+    "agent-1": {
+        "rate": "fast",
+        "num_tasks": NAN,
+        "published": "many",
+        "remainder": INF,
+        "paused": "yes",
+        "pauses": NAN,
+        "latency_p50_ms": "1",
+        "latency_p99_ms": INF,
+    },
+    "supervisor-1": {"agents": 3, "received": NAN, "stored": "s", "refused": INF, "not_stored": "x", "dropped": -INF},
+    "storage": {"count": NAN, "max_storage": INF, "accepted": "a", "drained": NAN, "refused": "r"},
+}
+
+
+def test_malformed_figures_show_as_invalid(services: Services, tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with publishing_stats(config, MALFORMED):
+        rows = snapshot(services, config)
+        live = services.tool("monitor", "--service-config", str(config), label="monitor")  # a snapshot a second
+        live.wait_for(r"^storage\s+up\s+invalid", timeout=WAIT_TIMEOUT_S)
+        live.signal(signal.SIGINT)
+        assert live.wait_exit(WAIT_TIMEOUT_S) == 0, live.output
+        assert "Traceback" not in live.output
+    for name, figures in MALFORMED.items():
+        state, *cells = rows[name]
+        assert state == "up", rows[name]
+        # unsent is not in the fake's /stats: "-", not invalid.
+        assert all("invalid" in cell or cell == "-" for cell in cells), (name, cells)
+        assert sum("invalid" in cell for cell in cells) >= len(figures) - 2, (name, cells)

@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -159,5 +160,43 @@ def test_run_sh_help_documents_its_options() -> None:
     result = subprocess.run([str(ROOT / "run.sh"), "--help"], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0
     assert result.stdout.startswith("usage: ./run.sh")
-    for option in ("--setup", "--service-config", "--monitor", "--help"):
+    for option in ("--setup", "--service-config", "--restart", "--monitor", "--help"):
         assert option in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (
+            ["docs/pause_config.json"],
+            "./run.sh takes no file name without an option: to start docs/pause_config.json,"
+            " run ./run.sh --service-config docs/pause_config.json",
+        ),
+        (["--service-config"], "--service-config needs a file"),
+        (["--monitr"], "unknown option --monitr"),
+    ],
+)
+def test_run_sh_refuses_bad_arguments_in_its_own_words(args: list[str], error: str) -> None:
+    # Before any set-up, and speaking of ./run.sh, not of the launcher it runs.
+    result = subprocess.run([str(ROOT / "run.sh"), *args], capture_output=True, text=True, timeout=30, check=False)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == f"error: {error} (./run.sh --help lists the options)\n"
+
+
+def test_a_pyenv_python_that_is_installed_but_not_selected_is_found() -> None:
+    # PYTHON=python3.10 ./run.sh --setup: pyenv's shim answers only for a selected version.
+    if shutil.which("pyenv") is None:
+        pytest.skip("no pyenv here")
+    installed = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True, check=True).stdout
+    current = subprocess.run(["pyenv", "version-name"], capture_output=True, text=True, check=False).stdout.strip()
+    others = [v for v in installed.split() if re.fullmatch(r"3\.(8|9|10|11|12)\.\d+", v) and v != current]
+    if not others:
+        pytest.skip("no other supported Python installed in pyenv")
+    minor = ".".join(others[0].split(".")[:2])
+    env = {key: value for key, value in os.environ.items() if key != "PYENV_VERSION"}
+    env["PYTHON"] = f"python{minor}"
+    command = '. tools/env.sh && "$(supported_python)" -c "import sys; print(sys.version_info[:2])"'
+    result = subprocess.run(
+        ["/bin/bash", "-c", command], cwd=ROOT, env=env, capture_output=True, text=True, check=False
+    )
+    assert result.stdout == f"({minor.replace('.', ', ')})\n", result.stderr

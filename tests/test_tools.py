@@ -20,10 +20,28 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
-from helpers import ROOT, STARTUP_TIMEOUT_S, Process, Services, free_ports, raw_request, write_config
+from fakes import publishing_stats
+from farm_ng.core.event_pb2 import Event
+from farm_ng.core.stamp import StampSemantics
+from farm_ng.core.timestamp_pb2 import Timestamp
+from farm_ng.core.uri import make_proto_uri
+from google.protobuf.message import Message
+from google.protobuf.struct_pb2 import Struct
+from google.protobuf.wrappers_pb2 import Int32Value
+from helpers import (
+    ROOT,
+    STARTUP_TIMEOUT_S,
+    WAIT_TIMEOUT_S,
+    Process,
+    Services,
+    free_ports,
+    port_of,
+    raw_request,
+    write_config,
+)
 
 from tools import plot
 
@@ -112,10 +130,12 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
 
     args = ("--service-config", str(config), "--service-name", "agent-3", "--path", "/sample", "--count", "3")
     watch = finish(services.tool("watch", *args))
-    assert len(watch.lines) == 3, watch.output
-    for line in watch.lines:
+    # On stderr, merged here: that it reached the service.
+    assert watch.lines[0] == f"agent-3 is up at localhost:{port_of(config, 'agent-3')}", watch.output
+    assert len(watch.lines) == 4, watch.output
+    for line in watch.lines[1:]:
         assert re.fullmatch(r'agent-3/sample \d+ \{"sample": [0-9.e-]+, "task_id": 0\.0\}', line), line
-    sequences = [int(line.split()[1]) for line in watch.lines]
+    sequences = [int(line.split()[1]) for line in watch.lines[1:]]
     assert sequences == sorted(set(sequences)), sequences
 
     # A path without its slash: said at once. A path the service does not publish: the
@@ -139,11 +159,29 @@ def test_uris_and_watch_show_a_live_service(services: Services, tmp_path: Path) 
         assert headed.stdout.readline().startswith(b"agent-3/sample ")
         headed.stdout.close()
         assert headed.wait(STARTUP_TIMEOUT_S) == 0
-        assert headed.stderr.read() == b""
+        said = headed.stderr.read().decode().splitlines()
+        assert all(re.fullmatch(r"agent-3 is up at localhost:\d+", line) for line in said), said
     finally:
         if headed.poll() is None:
             headed.kill()
             headed.wait(5)
+
+
+def test_watch_says_when_it_cannot_reach_the_service_and_shows_invalid_figures(
+    services: Services, tmp_path: Path
+) -> None:
+    config = write_config(tmp_path)
+    args = ("--service-config", str(config), "--service-name", "agent-3", "--path", "/stats", "--count", "1")
+    watch = services.tool("watch", *args)
+    port = port_of(config, "agent-3")
+    watch.wait_for(rf"^agent-3 is not up yet at localhost:{port}; retrying$", STARTUP_TIMEOUT_S)
+    # Up, and publishing a /stats with numbers JSON cannot hold: shown, marked invalid.
+    with publishing_stats(config, {"agent-3": {"published": float("nan"), "rate": "fast"}}):
+        assert watch.wait_exit(WAIT_TIMEOUT_S) == 0, watch.output
+    watch.wait_for(rf"^agent-3 is up at localhost:{port}$")
+    shown = watch.wait_for(r"^agent-3/stats \d+ (.*)$").group(1)
+    assert 'key: "published" value { number_value: nan }' in shown, shown
+    assert shown.endswith("(invalid: Fail to serialize NaN for Value.number_value, which would parse as string_value)")
 
 
 # A storage that fills in a fraction of a second and drains every half second: every
@@ -276,3 +314,98 @@ def test_marks_count_what_the_counters_count() -> None:
     # Without a message before the start, a first transition is a mark.
     figures = plot.pause_figures([plot.Counters(sent=10.2, pauses=1, resumes=0, paused=True)], started=10.0)
     assert (len(figures.pauses), figures.counted_pauses) == (1, 1)
+
+
+def write_recording(path: Path, events: list[tuple[str, str, Message]]) -> Path:
+    """A recording as farm-ng-core's recorder writes one: each event's length, the event, its payload.
+
+    ``events`` are (service, path, message), sent 0.1 s apart and received 1 ms later.
+    """
+    with path.open("wb") as out:
+        for index, (service, uri_path, message) in enumerate(events):
+            payload = message.SerializeToString()
+            uri = make_proto_uri(path=uri_path, message=message)
+            uri.query += f"&service_name={service}"
+            stamps = [
+                Timestamp(stamp=100 + index / 10, clock_name="host/monotonic", semantics=StampSemantics.SERVICE_SEND),
+                Timestamp(
+                    stamp=100.001 + index / 10, clock_name="host/monotonic", semantics=StampSemantics.CLIENT_RECEIVE
+                ),
+            ]
+            data = Event(uri=uri, timestamps=stamps, payload_length=len(payload)).SerializeToString()
+            out.write(struct.pack("<I", len(data)) + data + payload)
+    return path
+
+
+def figures(**values: Any) -> Struct:
+    """A ``Struct`` of figures."""
+    message = Struct()
+    message.update(values)
+    return message
+
+
+def test_a_recording_with_malformed_figures_reads_back_and_plots(services: Services, tmp_path: Path) -> None:
+    nan, inf = float("nan"), float("inf")
+    recording = write_recording(
+        tmp_path / "odd.0000.bin",
+        [
+            ("storage", "/level", figures(count=5, max_storage=10)),
+            ("storage", "/level", figures(count=nan, max_storage=inf)),
+            ("storage", "/stats", figures(count=6, max_storage="ten", refused=0)),
+            ("agent-1", "/stats", figures(pauses=nan, resumes=0)),
+            *[("agent-1", "/sample", figures(sample=0.5, task_id=0)) for _ in range(10)],
+            ("agent-1", "/pauses", figures(paused="yes", pauses=1, resumes=0)),
+            ("storage", "/residual", Int32Value(value=4)),
+        ],
+    )
+    read = finish(services.tool("read_recording", str(recording)))
+    assert read.matches(r"^storage/level 2$") and read.matches(r"^agent-1/sample 10$"), read.output
+    if importlib.util.find_spec("matplotlib") is None:
+        pytest.skip("matplotlib is not installed (pip install -r requirements-dev.txt): plot.py not tested")
+    plotted = finish(services.tool("plot", str(recording), "-o", str(tmp_path / "odd.png")), timeout=60)
+    for name in ("agent-1/pauses", "agent-1/stats", "storage/level", "storage/stats"):
+        plotted.wait_for(rf"^note: 1 events of {name} left out: a figure in them is not a number$")
+    assert (tmp_path / "odd.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_every_mark_of_the_fill_panel_is_on_the_page_and_in_the_legend() -> None:
+    pyplot = pytest.importorskip("matplotlib.pyplot")
+    recording = plot.Recording(started=100.0, max_storage=10)
+    recording.levels = [(99.0, 4), (100.5, 10), (101.0, 5)]
+    recording.counters["agent-1"] = [
+        plot.Counters(100.4, 1, 0, paused=True),
+        plot.Counters(101.1, 1, 1, paused=False),
+    ]
+    figure, axes = pyplot.subplots()
+    try:
+        plot.draw_fill(axes, recording, recording.start())
+        labels = [text.get_text() for text in axes.get_legend().get_texts()]
+        at_start = next(line for line in axes.get_lines() if line.get_label().startswith("items at the start"))
+    finally:
+        pyplot.close(figure)
+    assert "max_storage" in labels
+    # The pause marks sit above the max_storage line, a row per agent: the legend says so.
+    assert any(label.startswith("an agent paused") and "above\nmax_storage" in label for label in labels), labels
+    assert any(label.startswith("it resumed") and "per agent" in label for label in labels), labels
+    # The fill at the start sits on the y-axis: drawn over it, not clipped away under it.
+    assert list(at_start.get_xdata()) == [0] and not at_start.get_clip_on()
+
+
+TOOLS = ("launch", "monitor", "watch", "recorder", "read_recording", "plot", "bench")
+ROLE_SCRIPTS = ("agent.py", "supervisor.py", "storage.py")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [*(["-m", f"tools.{tool}"] for tool in TOOLS), *([script] for script in ROLE_SCRIPTS)],
+    ids=lambda command: command[-1],
+)
+def test_without_the_venv_a_script_says_how_to_get_it(command: list[str]) -> None:
+    # -S: this Python without its site-packages, as python3 outside .venv.
+    argv = [sys.executable, "-S", *command, "--help"]
+    result = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=WAIT_TIMEOUT_S, check=False)
+    assert (result.returncode, result.stdout) == (1, ""), result
+    assert result.stderr == (
+        f"error: {command[-1]} needs the packages of requirements.txt (farm_ng is missing from {sys.executable}):"
+        " run ./run.sh --setup, then . .venv/bin/activate\n"
+    )

@@ -6,6 +6,14 @@
 
 SUPPORTED="CPython 3.8 to 3.12 (farm-ng-core 2.3.2 has wheels for those only)"
 
+# pyenv's shims answer for python3.X only when that version is selected: select every
+# installed one, the current one first (it stays python3), so that PYTHON=python3.10
+# finds 3.10 when it is installed but not selected.
+if command -v pyenv >/dev/null 2>&1 && [ -z "${PYENV_VERSION:-}" ]; then
+  PYENV_VERSION=$({ pyenv version-name 2>/dev/null; pyenv versions --bare; } | awk 'NF && !seen[$0]++' | paste -sd: -)
+  export PYENV_VERSION
+fi
+
 python_version() {
   # "3.11" for a Python that runs, nothing otherwise.
   "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null

@@ -1,13 +1,24 @@
-"""Starts every service of a config, each as its own process, and stops them together.
+"""Starts every service of a config, each as its own process, and keeps them running until Ctrl-C.
 
-    python -m tools.launch [--service-config service_config.json] [--monitor [LOG]]
+    python -m tools.launch [--service-config service_config.json] [--restart] [--monitor [LOG]]
 
-Storage starts first, then the supervisors, then the agents; each must be serving
-before the next starts. Every line a service prints comes out prefixed with its name
-(``[storage] Storage: 37/500 (463 remaining)``). Ctrl-C or SIGTERM stops them all; if
-one dies, the launcher says which and how, stops the rest and exits non-zero; so it
-does if one does not stop cleanly (the exit code says so even when a stalled terminal
-swallowed the line).
+(``./run.sh`` runs it in ``.venv``.) Storage starts first, then the supervisors, then the
+agents; each is started once the one before says it serves (its ``<name> serving on``
+line; one that logs above INFO does not print it, and is ready when its own process
+listens on its port). Every line a service prints comes out prefixed with its name
+(``[storage] Storage: 37/500 (463 remaining)``).
+
+- A service that exits before it serves (bad config, port in use) stops the launch: the
+  launcher says why, in one line with the cause the service printed, stops the others and
+  exits 1. It notices the exit at once, also while others are starting.
+- A service that dies later leaves the others running: the launcher says so, and you may
+  start it again by hand. With ``--restart`` the launcher starts it again after a short
+  backoff (1 s, then 2 s, 4 s while it keeps failing fast), and gives up on it after
+  ``MAX_FAST_FAILURES`` deaths in a row within ``FAST_FAILURE_S`` of serving.
+- The launcher ends on Ctrl-C, SIGTERM or SIGHUP (or q in the monitor), and when every
+  service is gone for good. Exit code 0: every service ran until then and stopped cleanly;
+  1: one could not start, died, or did not stop within ``STOP_TIMEOUT_S`` of SIGTERM (the
+  code says so even when a stalled terminal swallowed the line); 2: a bad command line.
 
 Output goes through a bounded queue to a writer thread: if the terminal stalls (``| less``,
 Ctrl-S), lines are dropped and counted, and the launcher keeps reading every service's
@@ -16,260 +27,294 @@ output, so that no service ever waits on a full pipe.
 
 from __future__ import annotations
 
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
+
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from propagation.cli import run_cli
-from propagation.config import ROLES, ConfigError, Entry, read_config, role_of
+from propagation.config import ConfigError, Entry, read_config, role_of
 from propagation.logs import LogOutput
+from tools import processes
 
-ROOT = Path(__file__).resolve().parent.parent
-# A service needs about 0.6 s to serve on a quiet machine; a busy or small one (load 16
-# on 2 cores took over 15 s) needs more. One that dies is reported at once anyway.
-READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 5.0
-
-
-def start_order(entries: list[Entry]) -> list[tuple[Entry, str]]:
-    """The entries this example runs, each with its script: storage, supervisors, agents."""
-    runnable = [(entry, role) for entry in entries if (role := role_of(entry)) is not None]
-    runnable.sort(key=lambda pair: ROLES.index(pair[1]))
-    return [(entry, f"{role}.py") for entry, role in runnable]
+# A service that dies this soon after it began to serve (or before) failed fast; after
+# this many fast failures in a row --restart gives up on it.
+FAST_FAILURE_S = 10.0
+MAX_FAST_FAILURES = 3
+RESTART_DELAY_S = 1.0
+LISTEN_POLL_S = 0.1
 
 
-async def wait_serving(host: str, port: int, timeout: float) -> bool:
-    """Whether something accepts connections at host:port within ``timeout`` seconds.
+class Service:
+    """One entry of the config and its process (a new one at each restart), its output prefixed."""
 
-    A plain TCP connect, not a gRPC channel: the launcher forks a process per service,
-    and gRPC's threads in a process that forks can abort it ("Check failed" in thd.h).
-    """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 1.0)
-        except (OSError, asyncio.TimeoutError):
-            await asyncio.sleep(0.05)
-            continue
-        writer.close()
-        return True
-    return False
-
-
-class Launched:
-    """One service's process and the task that copies its output, prefixed."""
-
-    def __init__(self, name: str, process: asyncio.subprocess.Process, out: LogOutput) -> None:
-        self.name = name
-        self.process = process
+    def __init__(self, config_path: str, entry: Entry, out: LogOutput) -> None:
+        self.entry = entry
+        self.name = entry.name
+        self.argv = processes.service_argv(config_path, entry)
         self._out = out
-        self.output = asyncio.ensure_future(self._copy_output())
+        self._serving = processes.serving_line(entry.name)
+        self.process: asyncio.subprocess.Process | None = None
+        self.ready = asyncio.Event()
+        self.ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self.served_at = 0.0
+        self.cause = ""  # its last error line
+        self._listening: asyncio.Future[None] | None = None
 
-    async def _copy_output(self) -> None:
-        """Reads every line as it comes, whatever happens to the launcher's own output."""
-        assert self.process.stdout is not None
+    def command(self) -> str:
+        """The command line that starts it, as one types it in the repo's folder."""
+        return f"python {Path(self.argv[1]).name} {' '.join(self.argv[2:])}"
+
+    async def start(self) -> None:
+        """Starts a process; ``ready`` is set once it serves, ``ended`` once it exited and its output is read."""
+        self.ready.clear()
+        self.cause = ""
+        self.process = await processes.spawn(self.argv)
+        self.ended = asyncio.ensure_future(self._run(self.process))
+        if self.entry.log_level > logging.INFO:  # it will not print that it serves
+            self._listening = asyncio.ensure_future(self._wait_listening(self.process))
+
+    async def _run(self, process: asyncio.subprocess.Process) -> int:
+        """Copies every line as it comes, whatever happens to the launcher's own output."""
+        assert process.stdout is not None
         prefix = f"[{self.name}] "
-        while line := await self.process.stdout.readline():
-            self._out.write(prefix + line.decode(errors="replace").rstrip("\n"))
+        while raw := await process.stdout.readline():
+            line = raw.decode(errors="replace").rstrip("\n")
+            self._out.write(prefix + line)
+            if self._serving.match(line):
+                self.serving()
+            elif line.startswith(("error: ", "ERROR: ")):
+                self.cause = line.split(": ", 1)[1]
+        return await process.wait()
 
-    def describe_exit(self) -> str:
-        """``exited with code 1`` or ``was killed by SIGKILL``."""
-        code = self.process.returncode
-        if code is not None and code < 0:
-            return f"was killed by {signal.Signals(-code).name}"
-        return f"exited with code {code}"
+    async def _wait_listening(self, process: asyncio.subprocess.Process) -> None:
+        """Sets ``ready`` once this very process listens on the entry's port (not another program)."""
+        while process.returncode is None:
+            try:
+                sockets = psutil.Process(process.pid).net_connections("inet")
+            except psutil.Error:
+                return
+            if any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.entry.port for conn in sockets):
+                self.serving()
+                return
+            await asyncio.sleep(LISTEN_POLL_S)
+
+    def serving(self) -> None:
+        """Notes that it serves, and since when."""
+        self.served_at = time.monotonic()
+        self.ready.set()
+
+    def served_for(self) -> float:
+        """How long its last process served before it ended (0 if it never served)."""
+        return time.monotonic() - self.served_at if self.ready.is_set() else 0.0
+
+    def is_running(self) -> bool:
+        """Whether its current process is still running."""
+        return self.process is not None and not self.ended.done()
+
+    def death(self) -> str:
+        """``storage exited with code 1 before serving: port 7010 ... in use; is another ./run.sh running?``."""
+        assert self.process is not None
+        line = f"{self.name} {processes.exit_cause(self.process.returncode)}"
+        line += "" if self.ready.is_set() else " before serving"
+        if self.cause:
+            line += f": {self.cause}"
+        if "already in use" in self.cause:
+            line += "; is another ./run.sh running?"
+        return line
 
 
 class Launcher:
-    """Starts services in order and stops them together."""
+    """Starts services in order, keeps them running (restarting them if asked) and stops them together."""
 
-    def __init__(self, config_path: str, monitor_log: str | None = None) -> None:
+    def __init__(self, config_path: str, monitor_log: str | None = None, restart: bool = False) -> None:
         """Prepares to launch ``config_path``.
 
         Args:
             config_path: The config whose services to start.
             monitor_log: If given, the services' output goes to this file and the
                 monitor takes the terminal.
+            restart: Start a service that died again.
 
         """
         self._config_path = config_path
         self._monitor_log = monitor_log
+        self._restart = restart
         self._terminal = LogOutput(sys.stdout)
         self._out = self._terminal  # the services' output: the terminal, or the log file
-        self._running: list[Launched] = []
+        self._services: list[Service] = []
         self._monitor: asyncio.subprocess.Process | None = None
-        self._why_stopped: str | None = None
+        self._deaths = 0
+        self._monitor_gone = ""  # why the launcher ends, for the terminal once the monitor has left it
 
     def say(self, line: str) -> None:
         """Prints one line of the launcher's own (to the log too, with the monitor)."""
         self._out.write(f"[launch] {line}")
-        if self._out is not self._terminal and self._monitor is None:  # else the monitor owns the terminal
+        if self._out is not self._terminal and (self._monitor is None or self._monitor.returncode is not None):
             self._terminal.write(f"[launch] {line}")
 
     async def run(self) -> int:
-        """Runs the system until a signal or a service's death; returns the exit code."""
+        """Runs the system until a signal, the monitor's exit or the end of every service; returns the exit code."""
         try:
-            plan = self.plan()
+            entries = self.plan()
             if self._monitor_log is not None:
                 self._out = LogOutput(open(self._monitor_log, "a", encoding="utf-8"))  # noqa: SIM115
-            return await self.run_until_stopped(plan)
+            self._services = [Service(self._config_path, entry, self._out) for entry in entries]
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            # SIGHUP too: closing the terminal must not orphan the services, which live in
+            # sessions of their own.
+            for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.add_signal_handler(signum, stop.set)
+            stopping = asyncio.ensure_future(stop.wait())
+            try:
+                code = await self.start_all(stopping)
+                if code is None:
+                    code = await self.keep_running(stopping)
+            finally:
+                stopping.cancel()
+                stopped_cleanly = await self.shut_down()
+            return code or (0 if stopped_cleanly and not self._deaths else 1)
         finally:
             if self._out is not self._terminal:
                 self._out.close()
             self._terminal.close()
 
-    async def run_until_stopped(self, plan: list[tuple[Entry, str]]) -> int:
-        """Starts the plan and runs it until a signal, a death or the monitor's exit."""
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        # SIGHUP too: closing the terminal must not orphan the services, which live in
-        # sessions of their own.
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.add_signal_handler(signum, stop.set)
-        stopping = asyncio.ensure_future(stop.wait())
-        try:
-            code = await self.run_plan(plan, stopping)
-        finally:
-            stopping.cancel()
-            stopped_cleanly = await self.shut_down()
-        return code or (0 if stopped_cleanly else 1)
-
-    def plan(self) -> list[tuple[Entry, str]]:
-        """The entries to start, in order, each with its script.
+    def plan(self) -> list[Entry]:
+        """The entries to start, in order.
 
         Raises:
             ConfigError: the config is unreadable or has nothing to start.
+
         """
         entries = read_config(self._config_path)
         for entry in entries:
             if role_of(entry) is None:
                 self.say(f"skipping {entry.name!r}: not a service of this example (no port or unknown role)")
-        plan = start_order(entries)
+        plan = processes.start_order(entries)
         if not plan:
             msg = f"{self._config_path} has no storage, supervisor or agent entry"
             raise ConfigError(msg)
         return plan
 
-    async def run_plan(self, plan: list[tuple[Entry, str]], stopping: asyncio.Future[bool]) -> int:
-        """Starts each service in turn, then waits for a signal, a death or the monitor's exit."""
-        for entry, script in plan:
-            if not await self.start(entry, script, stopping):
-                return 0 if stopping.done() else 1
-        self.say(f"all {len(plan)} services are serving; Ctrl-C stops them")
-        exits = {asyncio.ensure_future(launched.process.wait()): launched for launched in self._running}
-        watched: list[asyncio.Future[Any]] = [stopping, *exits]
-        monitor = await self.start_monitor() if self._monitor_log is not None else None
-        if monitor is not None:
-            watched.append(monitor)
-        done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
-        for finished in done & exits.keys():
-            launched = exits[finished]
-            await launched.output
-            self._why_stopped = f"{launched.name} {launched.describe_exit()}"
-            self.say(f"{self._why_stopped}; stopping the others")
+    async def start_all(self, stopping: asyncio.Future[Any]) -> int | None:
+        """Starts each service once the one before serves; the exit code if that failed, None if all serve."""
+        for service in self._services:
+            await service.start()
+            assert service.process is not None
+            self.say(f"starting {service.name} (pid {service.process.pid}): {service.command()}")
+            started = [other.ended for other in self._services if other.process is not None]
+            ready = asyncio.ensure_future(service.ready.wait())
+            done, _ = await asyncio.wait(
+                [ready, stopping, *started], timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
+            ready.cancel()
+            dead = [other for other in self._services if other.process is not None and other.ended.done()]
+            for other in dead:
+                self._deaths += 1
+                self.say(other.death())
+            if stopping in done:
+                return 1 if dead else 0
+            if dead or not done:
+                if not done:
+                    self.say(f"{service.name} is not serving after {processes.READY_TIMEOUT_S:g} s")
+                self.say("stopping the others")
+                return 1
+        self.say(f"all {len(self._services)} services are serving; Ctrl-C stops them")
+        return None
+
+    async def keep_running(self, stopping: asyncio.Future[Any]) -> int:
+        """Watches the services until a signal, the monitor's exit or the end of every one."""
+        keepers = asyncio.ensure_future(asyncio.gather(*(self.keep(service) for service in self._services)))
+        watched: list[asyncio.Future[Any]] = [stopping, keepers]
+        if self._monitor_log is not None:
+            watched.append(await self.start_monitor())
+        try:
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            keepers.cancel()
+            await asyncio.gather(keepers, return_exceptions=True)
+        if keepers in done:
+            self.say("every service is gone; nothing left to run")
+            if self._monitor is not None:  # it had the terminal: say it there too, once it is gone
+                self._monitor_gone = f"every service is gone; their last lines are in {self._monitor_log}"
             return 1
-        if monitor is not None and monitor in done:
-            return monitor.result()
-        return 0
+        if stopping in done:
+            return 0
+        return watched[-1].result()  # the monitor's exit code
 
-    async def shut_down(self) -> bool:
-        """Stops everything started and says how that went (on the terminal too, after the monitor).
-
-        Returns:
-            Whether every service exited with code 0.
-
-        """
-        had_monitor = self._monitor is not None
-        failed = await self.stop_all()
-        self._monitor = None
-        if had_monitor and self._why_stopped is not None:
-            self._terminal.write(f"[launch] {self._why_stopped}; its last lines are in {self._monitor_log}")
-        if failed:
-            self.say(f"not stopped cleanly: {', '.join(failed)}")
-        elif self._running:
-            self.say(f"stopped all {len(self._running)} services")
-        return not failed
-
-    async def start(self, entry: Entry, script: str, stopping: asyncio.Future[bool]) -> bool:
-        """Starts one service and waits until it serves; False if it died or timed out."""
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(ROOT / script),
-            "--service-config",
-            self._config_path,
-            "--service-name",
-            entry.name,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            # Its own session: Ctrl-C reaches the launcher alone, which stops every
-            # service and waits for each, instead of each exiting on its own.
-            start_new_session=True,
-        )
-        self.say(
-            f"starting {entry.name} (pid {process.pid}): "
-            f"python {script} --service-config {self._config_path} --service-name {entry.name}"
-        )
-        launched = Launched(entry.name, process, self._out)
-        self._running.append(launched)
-        serving = asyncio.ensure_future(wait_serving(entry.host, entry.port, READY_TIMEOUT_S))
-        exited = asyncio.ensure_future(process.wait())
-        await asyncio.wait([serving, exited, stopping], return_when=asyncio.FIRST_COMPLETED)
-        if exited.done():
-            serving.cancel()
-            await launched.output
-            self.say(f"{entry.name} {launched.describe_exit()} before serving; stopping the others")
-            return False
-        exited.cancel()
-        if stopping.done():
-            serving.cancel()
-            return False
-        if not serving.result():
-            self.say(f"{entry.name} is not serving on {entry.host}:{entry.port} after {READY_TIMEOUT_S:g} s")
-            return False
-        return True
+    async def keep(self, service: Service) -> None:
+        """Waits for a service to end; with ``--restart`` starts it again until it fails fast too often."""
+        fast_failures = 0
+        while True:
+            await asyncio.wait([service.ended])  # not `await service.ended`: cancelling keep() must not cancel it
+            self._deaths += 1
+            running = sum(other.is_running() for other in self._services)
+            others = f"the other {running} keep running" if running else "no other is running"
+            if not self._restart:
+                self.say(f"{service.death()}; {others}")
+                self.say(f"to start it again: {service.command()} (or use --restart)")
+                return
+            fast_failures = fast_failures + 1 if service.served_for() < FAST_FAILURE_S else 1
+            if fast_failures >= MAX_FAST_FAILURES:
+                self.say(
+                    f"{service.death()}; it failed {fast_failures} times in a row within {FAST_FAILURE_S:g} s"
+                    f" of serving: not restarting it ({others})"
+                )
+                return
+            delay = RESTART_DELAY_S * 2 ** (fast_failures - 1)
+            self.say(f"{service.death()}; restarting it in {delay:g} s")
+            await asyncio.sleep(delay)
+            await service.start()
+            assert service.process is not None
+            self.say(f"restarting {service.name} (pid {service.process.pid})")
+            ready = asyncio.ensure_future(service.ready.wait())
+            try:
+                await asyncio.wait([ready, service.ended], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                ready.cancel()
+            if service.ready.is_set():
+                self.say(f"{service.name} is serving again")
 
     async def start_monitor(self) -> asyncio.Future[int]:
         """Runs the monitor in the terminal; returns a future of its exit code."""
         self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
+        config = str(Path(self._config_path).resolve())
         self._monitor = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "tools.monitor",
-            "--service-config",
-            str(Path(self._config_path).resolve()),
-            cwd=ROOT,
+            sys.executable, "-m", "tools.monitor", "--service-config", config, cwd=processes.ROOT
         )
         return asyncio.ensure_future(self._monitor.wait())
 
-    async def stop_all(self) -> list[str]:
-        """Stops the monitor and the services, all at once; returns those that did not exit 0."""
-        if self._monitor is not None and self._monitor.returncode is None:
-            self._monitor.terminate()
-            try:
-                await asyncio.wait_for(self._monitor.wait(), STOP_TIMEOUT_S)
-            except asyncio.TimeoutError:  # stuck writing to a stalled terminal, say
-                self._monitor.kill()
-                await self._monitor.wait()
-        for launched in reversed(self._running):
-            if launched.process.returncode is None:
-                launched.process.terminate()
-        # One deadline for all: six services that each hang would otherwise take six times as long.
-        exits = [asyncio.ensure_future(launched.process.wait()) for launched in self._running]
-        if exits:
-            await asyncio.wait(exits, timeout=STOP_TIMEOUT_S)
-        failed = []
-        for launched in reversed(self._running):
-            if launched.process.returncode is None:
-                launched.process.kill()
-                await launched.process.wait()
-            await launched.output
-            if launched.process.returncode != 0:
-                failed.append(f"{launched.name} {launched.describe_exit()}")
-        return failed
+    async def shut_down(self) -> bool:
+        """Stops the monitor, then every service still running; says how that went.
+
+        Returns:
+            Whether every service it stopped exited with code 0.
+
+        """
+        if self._monitor is not None:
+            await processes.stop([self._monitor])  # stuck on a stalled terminal, say: killed after the deadline
+            if self._monitor_gone:
+                self._terminal.write(f"[launch] {self._monitor_gone}")
+        running = [service for service in self._services if service.is_running()]
+        await processes.stop([service.process for service in running if service.process is not None])
+        if running:  # their last lines
+            await asyncio.wait([service.ended for service in running], timeout=processes.STOP_TIMEOUT_S)
+        failed = [service for service in running if service.process is None or service.process.returncode != 0]
+        if failed:
+            self.say("not stopped cleanly: " + ", ".join(service.death() for service in failed))
+        elif running:
+            every = "" if len(running) == len(self._services) else " still running"
+            self.say(f"stopped {'all' if not every else 'the'} {len(running)} services{every}")
+        return not failed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m tools.launch", description="Start every service of the config; Ctrl-C stops them all."
     )
     parser.add_argument("--service-config", default="service_config.json", help="the config to launch")
+    parser.add_argument("--restart", action="store_true", help="start a service that died again, after a backoff")
     parser.add_argument(
         "--monitor",
         nargs="?",
@@ -291,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line and runs the launcher."""
     cli = build_parser().parse_args(argv)
-    return run_cli(lambda: asyncio.run(Launcher(cli.service_config, cli.monitor).run()))
+    return run_cli(lambda: asyncio.run(Launcher(cli.service_config, cli.monitor, cli.restart).run()))
 
 
 if __name__ == "__main__":

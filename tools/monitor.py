@@ -3,28 +3,26 @@
     python -m tools.monitor --service-config service_config.json          # live, in the terminal
     python -m tools.monitor --service-config service_config.json --once   # one plain-text snapshot
 
-Each service publishes its counters on ``/stats`` (a latched ``Struct``) every second.
-The monitor subscribes to them all and turns two ``/stats`` of a service into rates:
-counters only grow, so a rate is the difference of two counters over the time between
-them, by the service's own send stamps. Rates per second span the last ``RATE_WINDOW_S``;
-a count shows its total since the service started and, beside it, how fast it grew over
-the last minute (``unsent 2 (0/min)``: two in all, none lately). A service that sent no
-``/stats`` for ``DOWN_AFTER_S`` shows as down, with how long ago and when the monitor
-last heard from it (or "never seen"). The monitor may start before, after or without any
-service, and keeps going while they stop and restart.
-
-In a terminal, q or Ctrl-C quits: keys are read without waiting for Enter, and the
-terminal is put back as it was on the way out. When stdout is not a terminal it prints
-a plain-text snapshot every second instead of the live view; Ctrl-C stops it.
+It subscribes to every service's ``/stats`` (latched, once a second). Counters only grow,
+so a rate is the difference of two of them over the time between, by the service's own
+send stamps; a count shows its total and its growth over the last minute (``unsent 2
+(+0)``). A service silent for ``DOWN_AFTER_S`` is down; one whose counters started over
+restarted; a figure that is not a number is ``invalid``. It may start before, after or
+without any service. In a terminal q or Ctrl-C quits and ? explains the columns (keys are
+read without Enter; the terminal is put back on the way out), and columns that do not fit
+are left out and named; otherwise it prints a plain-text snapshot every second.
 """
 
 from __future__ import annotations
+
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
 
 import argparse
 import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import sys
@@ -32,26 +30,19 @@ import termios
 import time
 import tty
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
-
-from propagation.cli import quiet_grpc_core, run_cli
-
-if __name__ == "__main__":
-    quiet_grpc_core()  # before gRPC loads: its core's INFO lines would mix with the output
+from typing import Any, Callable, Iterator, Sequence
 
 from farm_ng.core.event_service_pb2 import SubscribeRequest
-from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
 from farm_ng.core.uri_pb2 import Uri
-from google.protobuf.struct_pb2 import Struct
+from google.protobuf.struct_pb2 import ListValue, Struct
 from rich.console import Console, Group
 from rich.live import Live
 from rich.text import Text
 
+from propagation.cli import run_cli
 from propagation.config import ConfigError, Entry, check_endpoint, read_config, role_of
 from propagation.peers import PeerClient
-
-if TYPE_CHECKING:
-    from farm_ng.core.event_pb2 import Event
+from tools.figures import INVALID, NONE, number, sent_at, shown
 
 # A service that sent no /stats for this long is down. It publishes every second, so
 # this allows for one late message.
@@ -59,8 +50,8 @@ DOWN_AFTER_S = 2.5
 # Rates span the /stats of about this many seconds: long enough to smooth out the
 # moments of a fill and drain cycle, short enough to follow a change.
 RATE_WINDOW_S = 3.0
-# Counts show how fast they grew over this long: a total that stopped growing (unsent 2,
-# long ago) reads as 0/min, not as a problem going on.
+# Counts show how much they grew over this long: a total that stopped growing (unsent 2,
+# long ago) reads as +0, not as a problem going on.
 RECENT_S = 60.0
 REFRESH_S = 0.5
 # --once waits for this many /stats of each service (two intervals for the rates),
@@ -68,13 +59,8 @@ REFRESH_S = 0.5
 ONCE_STATS = 3
 ONCE_TIMEOUT_S = 4.0
 FILL_BAR_WIDTH = 20
-# The counters the tables show as rates. They only grow while a service runs, so one
-# that fell means the service restarted.
+# Counters that only grow while a service runs: one that fell means the service restarted.
 RATE_COUNTERS = ("published", "received", "stored", "accepted", "drained")
-
-
-# ---------------------------------------------------------------------------------
-# What the services publish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +73,7 @@ class Stats:
 
 
 class ServiceView:
-    """What the monitor knows about one service: its ``/stats`` of the last minute."""
+    """What the monitor knows about one service: its ``/stats`` of the last minute, and its restarts."""
 
     def __init__(self, entry: Entry, role: str) -> None:
         self.entry = entry
@@ -97,11 +83,12 @@ class ServiceView:
         self.heard: float | None = None  # the monitor's monotonic clock
         self.heard_at: float | None = None  # the same moment on the wall clock, to show
         self.received = 0
+        self.restarted: tuple[float, float] | None = None  # wall clock of its last restart, and the gap before
 
     def add(self, stats: Stats, now: float) -> None:
         """Keeps one ``/stats``; a service that restarted starts a new history."""
-        self.heard = now
-        self.heard_at = time.time()
+        silent_for = 0.0 if self.heard is None else now - self.heard
+        self.heard, self.heard_at = now, time.time()
         self.received += 1
         if self.history:
             last = self.history[-1]
@@ -109,6 +96,7 @@ class ServiceView:
                 return  # the latched one again, after a reconnect
             if stats.sequence < last.sequence or restarted(last.figures, stats.figures):
                 self.history.clear()
+                self.restarted = (self.heard_at, silent_for)
         self.history.append(stats)
         while self.history[0].sent < stats.sent - RECENT_S:
             self.history.popleft()
@@ -121,27 +109,26 @@ class ServiceView:
         """``down for 12 s, last seen 20:26:05``, or ``down, never seen``."""
         if self.heard is None or self.heard_at is None:
             return "down, never seen"
-        last_seen = time.strftime("%H:%M:%S", time.localtime(self.heard_at))
-        return f"down for {duration(now - self.heard)}, last seen {last_seen}"
+        return f"down for {duration(now - self.heard)}, last seen {clock(self.heard_at)}"
 
     @property
     def figures(self) -> dict[str, Any]:
         """The latest figures; empty before the first ``/stats``."""
         return self.history[-1].figures if self.history else {}
 
-    def rate(self, counter: str, window_s: float = RATE_WINDOW_S) -> float | None:
-        """How fast a counter grew over the last ``window_s``, per second; None before two ``/stats``."""
+    def growth(self, counter: str, window_s: float) -> tuple[float, float] | None:
+        """How much a counter grew over the last ``window_s`` (or as long as heard), and over how long."""
         if len(self.history) < 2 or counter not in self.figures:
             return None
         last = self.history[-1]
         first = next(stats for stats in self.history if stats.sent >= last.sent - window_s)
-        span = last.sent - first.sent
-        return (last.figures[counter] - first.figures.get(counter, 0)) / span if span > 0 else None
+        before = number(first.figures, counter)
+        return (number(last.figures, counter) or 0.0) - (0.0 if before is None else before), last.sent - first.sent
 
-    def per_minute(self, counter: str) -> float | None:
-        """How fast a counter grew over the last minute (or as long as heard), per minute."""
-        rate = self.rate(counter, RECENT_S)
-        return None if rate is None else 60 * rate
+    def rate(self, counter: str) -> float | None:
+        """How fast a counter grew over the last ``RATE_WINDOW_S``, per second; None before two ``/stats``."""
+        grown = self.growth(counter, RATE_WINDOW_S)
+        return None if grown is None or grown[1] <= 0 else grown[0] / grown[1]
 
 
 def duration(seconds: float) -> str:
@@ -154,13 +141,18 @@ def duration(seconds: float) -> str:
     return f"{whole_s // 3600} h {whole_s % 3600 // 60} min"
 
 
+def clock(wall: float) -> str:
+    """``20:26:05``, local time."""
+    return time.strftime("%H:%M:%S", time.localtime(wall))
+
+
 def restarted(before: dict[str, Any], after: dict[str, Any]) -> bool:
     """Whether a counter fell between two ``/stats``: the service started over.
 
     Its ``/stats`` numbering starts over too, but the monitor may have missed the
     first ones of the new process while it reconnected.
     """
-    return any(after.get(counter, 0) < before.get(counter, 0) for counter in RATE_COUNTERS)
+    return any((number(after, key) or 0) < (number(before, key) or 0) for key in RATE_COUNTERS)
 
 
 def views_of(config_path: str) -> list[ServiceView]:
@@ -189,19 +181,14 @@ async def listen(view: ServiceView) -> None:
     try:
         async for event, message in client.subscribe(request, decode=True):
             if isinstance(message, Struct):
-                view.add(Stats(event.sequence, sent_at(event), dict(message)), time.monotonic())
+                # A latched /stats arrives at once but may be a second old: its send
+                # stamp, not its arrival, says when its counters were true.
+                sent = sent_at(event)
+                view.add(
+                    Stats(event.sequence, time.monotonic() if sent is None else sent, dict(message)), time.monotonic()
+                )
     finally:
         await client.close()
-
-
-def sent_at(event: Event) -> float:
-    """When the service sent an event, by its monotonic clock.
-
-    A latched ``/stats`` arrives at once but may be a second old: its send stamp, not
-    its arrival, says when its counters were true.
-    """
-    stamp = get_stamp_by_semantics_and_clock_type(event, StampSemantics.SERVICE_SEND, "monotonic")
-    return stamp if stamp is not None else time.monotonic()
 
 
 # ---------------------------------------------------------------------------------
@@ -215,163 +202,210 @@ class Look:
     rule: str  # under each table's header; empty for none
     bar_full: str
     bar_empty: str
-    quits: str  # how to quit, for the legend; empty for none
+    keys: str  # the keys, for the legend; empty for none
 
 
-LIVE = Look("─", "█", "░", "q or Ctrl-C quits")
+LIVE = Look("─", "█", "░", "? explains the columns; q or Ctrl-C quits")
 PLAIN = Look("", "#", ".", "")
-NONE = "-"
 GAP = "  "  # between columns
-LEFT_ALIGNED = frozenset(("agent", "supervisor", "storage", "state", "agents"))
 
 
-def legend(look: Look) -> str:
+@dataclasses.dataclass(frozen=True)
+class Column:
+    """One column of a table: its heading, what it means, and its cell for a service that is up."""
+
+    heading: str
+    means: str
+    cell: Callable[[ServiceView, Look], str]
+    optional: str = ""  # a /stats figure: shown only if a service of the table carries it
+    left: bool = False  # aligned left (words), else right (figures)
+
+
+def legend(views: list[ServiceView], look: Look) -> str:
     """What the figures mean, in one line."""
-    parts = [
-        f"x/s: over the last {RATE_WINDOW_S:g} s",
-        # "watched": a monitor that started a moment ago has seen less than a minute.
-        "counts: since the service started, (n/min) over the last minute watched",
-        look.quits,
-    ]
+    # Growth over the last minute; a monitor that started a moment ago saw less of it.
+    watched = max((view.history[-1].sent - view.history[0].sent for view in views if view.history), default=0.0)
+    rates = f"the {watched:.0f} s watched" if 0 < watched < RATE_WINDOW_S else f"the last {RATE_WINDOW_S:g} s"
+    lately = f"the {watched:.0f} s watched" if 0 < watched < RECENT_S - DOWN_AFTER_S else "the last minute"
+    parts = [f"x/s: over {rates}", f"counts: since the service started, (+n) over {lately}", look.keys]
     return "; ".join(part for part in parts if part)
 
 
-def render(views: list[ServiceView], look: Look, now: float) -> Group:
-    """The whole view: a summary line, the legend, then agents, supervisors and storage."""
+def render(views: list[ServiceView], look: Look, now: float, width: int | None = None, explain: bool = False) -> Group:
+    """The whole view: a summary line, the legend, then agents, supervisors and storage.
+
+    Columns that would make a table wider than ``width`` are left out, and named.
+    """
     down = [view.name for view in views if not view.is_up(now)]
     summary = f"{time.strftime('%H:%M:%S')}  {len(views)} services, {len(views) - len(down)} up"
     if down:
         summary += f", down: {', '.join(down)}"
-    tables = [
-        table(views, "agent", look, now, AGENT_COLUMNS, agent_row),
-        table(views, "supervisor", look, now, SUPERVISOR_COLUMNS, supervisor_row),
-        table(views, "storage", look, now, STORAGE_COLUMNS, lambda view: storage_row(view, look)),
+    restarts = [
+        f"{view.name} at {clock(view.restarted[0])} after {duration(view.restarted[1])} down"
+        for view in views
+        if view.restarted is not None
     ]
-    parts: list[Text] = [Text(summary), Text(legend(look), style="dim")]
-    for found in tables:
-        if found is not None:
-            parts += [Text(""), found]
+    if restarts:
+        summary += f"; restarted: {', '.join(restarts)}"
+    parts: list[Text] = [Text(summary), Text(legend(views, look), style="dim")]
+    if explain:  # in place of the tables: a terminal may not hold both
+        parts.append(Text("\nWhat each column means (? again shows the tables):"))
+        parts += [
+            Text(f"  {role:<10} {column.heading:<15} {column.means}")
+            for role, columns in TABLES.items()
+            for column in columns
+        ]
+        return Group(*parts)
+    for role, columns in TABLES.items():
+        members = [view for view in views if view.role == role]
+        if members:
+            parts += [Text(""), *table(members, role, look, now, columns, width)]
     return Group(*parts)
 
 
 def table(
-    views: list[ServiceView],
-    role: str,
-    look: Look,
-    now: float,
-    columns: Sequence[str],
-    row: Callable[[ServiceView], list[str]],
-) -> Text | None:
-    """A table of the services of one role, a row each; None if there are none.
+    members: list[ServiceView], role: str, look: Look, now: float, columns: Sequence[Column], width: int | None
+) -> list[Text]:
+    """The table of one role's services, a row each, and a line naming the columns left out, if any.
 
-    Columns are two spaces apart; the name and the state are aligned left, the figures
-    right. A service that is down gets one line, which says since when, in place of its
-    figures: it leaves the columns as wide as the figures of those that are up.
+    Columns are two spaces apart; names and words are aligned left, figures right. A
+    service that is down gets one line, which says since when, in place of its figures.
     """
-    members = [view for view in views if view.role == role]
-    if not members:
-        return None
-    header = [role, "state", *columns]
-    rows = {view.name: [view.name, "up", *row(view)] for view in members if view.is_up(now)}
-    widths = [len(heading) for heading in header]
-    for cells in rows.values():
-        widths = [max(width, len(cell)) for width, cell in zip(widths, cells)]
+    up = [view for view in members if view.is_up(now)]
+    columns = [
+        column for column in columns if not column.optional or any(column.optional in view.figures for view in up)
+    ]
+    header = [role, "state", *(column.heading for column in columns)]
+    rows = {view.name: [view.name, "up", *(column.cell(view, look) for column in columns)] for view in up}
+    widths = [max(len(cells[index]) for cells in [header, *rows.values()]) for index in range(len(header))]
     widths[0] = max(widths[0], *(len(view.name) for view in members))
+    hidden: list[str] = []
+    while width is not None and len(widths) > 2 and sum(widths) + len(GAP) * (len(widths) - 1) > width:
+        hidden.insert(0, header.pop())
+        widths.pop()
     lines = Text(no_wrap=True, overflow="crop")
-    lines.append(aligned(header, header, widths), style="bold" if look.rule else "")
+    lines.append(aligned(header, header, widths, columns), style="bold" if look.rule else "")
     if look.rule:
-        lines.append("\n" + look.rule * sum(widths) + look.rule * len(GAP) * (len(widths) - 1))
+        lines.append("\n" + look.rule * (sum(widths) + len(GAP) * (len(widths) - 1)))
     for view in members:
         lines.append("\n" + view.name.ljust(widths[0]) + GAP)
         cells = rows.get(view.name)
         if cells is None:
             lines.append(view.down_for(now), style="bold red")
-            continue
-        lines.append("up".ljust(widths[1]), style="green")
-        lines.append(GAP + aligned(header[2:], cells[2:], widths[2:]))
-    return lines
+        else:
+            lines.append("up".ljust(widths[1]), style="green")
+            lines.append(GAP + aligned(header[2:], cells[2 : len(header)], widths[2:], columns))
+    if not hidden:
+        return [lines]
+    return [lines, Text(f"(not shown: {', '.join(hidden)}; a wider terminal shows them)", style="dim")]
 
 
-def aligned(header: Sequence[str], cells: Sequence[str], widths: Sequence[int]) -> str:
+def aligned(header: Sequence[str], cells: Sequence[str], widths: Sequence[int], columns: Sequence[Column]) -> str:
     """Cells of one line: names and words aligned left, figures right."""
+    left = {column.heading for column in columns if column.left} | {"state", "agent", "supervisor", "storage"}
     return GAP.join(
-        cell.ljust(width) if heading in LEFT_ALIGNED else cell.rjust(width)
+        cell.ljust(width) if heading in left else cell.rjust(width)
         for heading, cell, width in zip(header, cells, widths)
     )
 
 
-AGENT_COLUMNS = ("configured", "samples/s", "remainder", "paused", "pauses", "latency p50/p99")
+def per_second(counter: str) -> Callable[[ServiceView, Look], str]:
+    """The cell of a rate: ``50.0`` per second, ``-`` while unknown."""
+    return lambda view, _: shown(view.rate(counter), "{:.1f}")
 
 
-def agent_row(view: ServiceView) -> list[str]:
-    """Rate x tasks, samples/s achieved, remainder, paused, pauses, propagation latency p50/p99."""
-    figures = view.figures
-    configured = f"{figures.get('rate', 0):g} Hz x {figures.get('num_tasks', 0):g}"
-    return [
-        configured,
-        per_second(view.rate("published")),
-        whole(figures.get("remainder")),
-        "yes" if figures.get("paused") else "no",
-        count(view, "pauses"),
-        latency(figures.get("latency_p50_ms"), figures.get("latency_p99_ms")),
-    ]
+def count(counter: str) -> Callable[[ServiceView, Look], str]:
+    """The cell of a count: ``2 (0/min)``, the total since the service started and its growth lately."""
+
+    def cell(view: ServiceView, _: Look) -> str:
+        total = number(view.figures, counter)
+        if total is None:
+            return NONE
+        grown = view.growth(counter, RECENT_S)
+        return f"{shown(total)} (+{shown(None if grown is None else grown[0])})"
+
+    return cell
 
 
-SUPERVISOR_COLUMNS = ("agents", "received/s", "stored/s", "refused", "not stored", "dropped", "unsent")
+def configured(view: ServiceView, _: Look) -> str:
+    """``5 Hz x 10``: rate x tasks."""
+    rate, tasks = number(view.figures, "rate"), number(view.figures, "num_tasks")
+    return f"{shown(rate, '{:g}')} Hz x {shown(tasks, '{:g}')}" if rate is not None and tasks is not None else NONE
 
 
-def supervisor_row(view: ServiceView) -> list[str]:
-    """The agents it serves, samples received/s and stored/s, then the stores that did not happen."""
-    figures = view.figures
-    return [
-        ", ".join(str(agent) for agent in figures.get("agents", [])) or NONE,
-        per_second(view.rate("received")),
-        per_second(view.rate("stored")),
-        *(count(view, counter) for counter in ("refused", "not_stored", "dropped", "unsent")),
-    ]
+def paused(view: ServiceView, _: Look) -> str:
+    """``yes`` or ``no``."""
+    flag = view.figures.get("paused")
+    return (
+        NONE if flag is None else {True: "yes", False: "no"}.get(flag, INVALID) if isinstance(flag, bool) else INVALID
+    )
 
 
-STORAGE_COLUMNS = ("fill", "stores/s", "drains/s", "refused")
-
-
-def storage_row(view: ServiceView, look: Look) -> list[str]:
-    """How full it is, stores/s and items drained/s, refused stores."""
-    figures = view.figures
-    return [
-        fill_bar(int(figures.get("count", 0)), int(figures.get("max_storage", 0)), look),
-        per_second(view.rate("accepted")),
-        per_second(view.rate("drained")),
-        count(view, "refused"),
-    ]
-
-
-def fill_bar(count: int, maximum: int, look: Look) -> str:
-    """``[#####...............] 19/40``."""
-    full = round(FILL_BAR_WIDTH * min(max(count / maximum, 0.0), 1.0)) if maximum > 0 else 0
-    return f"[{look.bar_full * full}{look.bar_empty * (FILL_BAR_WIDTH - full)}] {count}/{maximum}"
-
-
-def per_second(rate: float | None) -> str:
-    """``50.0`` (per second), or ``-`` while unknown."""
-    return NONE if rate is None else f"{rate:.1f}"
-
-
-def whole(value: float | None) -> str:
-    """A count, or ``-`` while unknown."""
-    return NONE if value is None else f"{value:.0f}"
-
-
-def count(view: ServiceView, counter: str) -> str:
-    """``2 (0/min)``: the total since the service started, and how fast it grew lately."""
-    total = view.figures.get(counter)
-    if total is None:
-        return NONE
-    return f"{total:.0f} ({whole(view.per_minute(counter))}/min)"
-
-
-def latency(p50: float | None, p99: float | None) -> str:
+def latency(view: ServiceView, _: Look) -> str:
     """``5.4/15.8 ms``, or ``-`` before the agent measured any."""
-    return NONE if p50 is None or p99 is None else f"{p50:.1f}/{p99:.1f} ms"
+    p50, p99 = number(view.figures, "latency_p50_ms"), number(view.figures, "latency_p99_ms")
+    return NONE if p50 is None or p99 is None else f"{shown(p50, '{:.1f}')}/{shown(p99, '{:.1f}')} ms"
+
+
+def agents(view: ServiceView, _: Look) -> str:
+    """The agents a supervisor serves, as its ``/stats`` names them."""
+    names = view.figures.get("agents")
+    if names is None:
+        return NONE
+    if not isinstance(names, ListValue) or not all(isinstance(name, str) for name in names):
+        return INVALID
+    return ", ".join(names) or NONE
+
+
+def fill(view: ServiceView, look: Look) -> str:
+    """``[#####...............] 19/40``."""
+    items, limit = number(view.figures, "count"), number(view.figures, "max_storage")
+    if items is None or limit is None:
+        return NONE
+    if not (math.isfinite(items) and math.isfinite(limit)) or limit <= 0:
+        return f"{shown(items)}/{shown(limit)} {INVALID}"
+    full = round(FILL_BAR_WIDTH * min(max(items / limit, 0.0), 1.0))
+    return f"[{look.bar_full * full}{look.bar_empty * (FILL_BAR_WIDTH - full)}] {items:.0f}/{limit:.0f}"
+
+
+TABLES: dict[str, tuple[Column, ...]] = {
+    "agent": (
+        Column("configured", "rate x num_tasks, from its args", configured),
+        Column("samples/s", "samples it published per second", per_second("published")),
+        Column(
+            "remainder",
+            "the room left in storage it last heard of (- before the first)",
+            lambda view, _: shown(number(view.figures, "remainder")),
+        ),
+        Column("paused", "whether it waits for room in storage (remainder 0 or less)", paused),
+        Column("pauses", "how often it paused", count("pauses")),
+        Column("latency p50/p99", "sample published -> residual back at the agent, over its last 5 s", latency),
+    ),
+    "supervisor": (
+        Column("agents", "the agents whose samples it relays", agents, left=True),
+        Column("received/s", "samples received from its agents per second", per_second("received")),
+        Column("stored/s", "samples storage took per second", per_second("stored")),
+        Column("refused", "stores storage refused: it was full", count("refused")),
+        Column(
+            "not stored", "stores that failed: storage down, slow or answering off the contract", count("not_stored")
+        ),
+        Column(
+            "unconfirmed",
+            "stores whose call failed after storage may have taken them",
+            count("unconfirmed"),
+            "unconfirmed",
+        ),
+        Column("dropped", "samples dropped unrelayed: more came than it could store in time", count("dropped")),
+        Column("unsent", "residuals it could not deliver to an agent (down or not up yet)", count("unsent")),
+        Column("wakeups", "residuals sent to paused agents when storage made room", count("wakeups"), "wakeups"),
+    ),
+    "storage": (
+        Column("fill", "items held / max_storage", fill, left=True),
+        Column("stores/s", "items stored per second", per_second("accepted")),
+        Column("drains/s", "items drained per second", per_second("drained")),
+        Column("refused", "stores refused because it was full", count("refused")),
+    ),
+}
 
 
 def plain_text(views: list[ServiceView], now: float) -> str:
@@ -398,8 +432,9 @@ async def monitor(views: list[ServiceView], once: bool) -> None:
             await gather_once(views, stop)
             print(plain_text(views, time.monotonic()), flush=True)
         elif sys.stdout.isatty():
-            with quit_key(stop):
-                await show_live(views, stop)
+            explain = [False]
+            with keys(stop, explain):
+                await show_live(views, stop, explain)
         else:
             await print_every_second(views, stop)
     finally:
@@ -426,8 +461,8 @@ async def gather_once(views: list[ServiceView], stop: asyncio.Event) -> None:
 
 
 @contextlib.contextmanager
-def quit_key(stop: asyncio.Event) -> Iterator[None]:
-    """Sets ``stop`` when q is typed in the terminal; puts the terminal back afterwards.
+def keys(stop: asyncio.Event, explain: list[bool]) -> Iterator[None]:
+    """Sets ``stop`` when q is typed in the terminal, toggles ``explain[0]`` on ?; puts the terminal back after.
 
     The terminal goes to cbreak mode: each key comes at once, unechoed, and Ctrl-C
     still sends SIGINT. Keys are read by the event loop when they come, so the view
@@ -442,13 +477,15 @@ def quit_key(stop: asyncio.Event) -> Iterator[None]:
 
     def read_keys() -> None:
         try:
-            keys = os.read(fd, 64)
+            typed = os.read(fd, 64)
         except OSError:
-            keys = b""
-        if not keys:  # the terminal is gone: stop reading it
+            typed = b""
+        if not typed:  # the terminal is gone: stop reading it
             loop.remove_reader(fd)
-        elif b"q" in keys.lower():
+        if b"q" in typed.lower():
             stop.set()
+        if b"?" in typed:
+            explain[0] = not explain[0]
 
     try:
         tty.setcbreak(fd)
@@ -460,11 +497,12 @@ def quit_key(stop: asyncio.Event) -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-async def show_live(views: list[ServiceView], stop: asyncio.Event) -> None:
-    """Redraws the tables in place every ``REFRESH_S``."""
-    with Live(render(views, LIVE, time.monotonic()), auto_refresh=False, transient=False) as live:
+async def show_live(views: list[ServiceView], stop: asyncio.Event, explain: list[bool]) -> None:
+    """Redraws the tables in place every ``REFRESH_S``, as wide as the terminal."""
+    console = Console()
+    with Live(console=console, auto_refresh=False, transient=False) as live:
         while not stop.is_set():
-            live.update(render(views, LIVE, time.monotonic()), refresh=True)
+            live.update(render(views, LIVE, time.monotonic(), console.size.width, explain[0]), refresh=True)
             await wait_or_stop(stop, REFRESH_S)
 
 

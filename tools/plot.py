@@ -3,43 +3,29 @@
     python -m tools.plot recordings -o fill.png     # the newest recording there
     python -m tools.plot RECORDING.0000.bin         # writes RECORDING.0000.png
 
-The plot draws what the services published as it happened (``record_config.json``
-records it): storage's ``/level`` and ``/stats``, and each agent's ``/sample``,
-``/pauses`` and ``/stats``.
-
-- The upper panel is storage's fill, from ``/level``: storage publishes it before and
-  after each drain and when the count reaches ``max_storage``, so the line reaches
-  ``max_storage`` whenever storage refused a store. A recording without ``/level`` (a
-  storage that does not publish it) falls back to the ``count`` of ``/stats``, once a
-  second, and ``max_storage - residual`` after each drain: that line misses most peaks.
-- A triangle down marks where an agent paused, a triangle up where it resumed: each is
-  one transition the agent published on ``/pauses``, at the time it sent it.
-- The lower panel is each agent's samples/s, from the send stamps of its ``/sample``.
-
-Times are seconds since the recording started: the first event the recorder received.
-A latched message (the last one a service published before the recorder subscribed)
-arrives first, with its old send stamp: it is not drawn where it was sent. The last
-``/level`` before the start is the fill at the start (a hollow circle at 0); the agents'
-latched ``/pauses`` and ``/stats`` give their counters at the start.
-
-Plotting prints, for each agent, its marks beside its own counters over the recording
-(``agent-1: 7 pauses, 7 resumes (its counters: +7, +7)``), and for storage whether the
-line was at ``max_storage`` in each second in which its ``refused`` counter grew. Marks
-fewer than the counters mean ``/pauses`` events are missing from the recording.
-
-All stamps are read on one monotonic clock: the services and the recorder must run on
-one host.
-
-Needs matplotlib (``pip install matplotlib``; requirements-dev.txt pins it); the
-services do not.
+What the services published as it happened (``record_config.json`` records it). The upper
+panel is storage's fill from ``/level`` (published before and after each drain and when
+full, so the line reaches ``max_storage`` at every refusal; without ``/level``, the coarser
+``/stats`` and ``/residual``), with a mark at each pause and resume an agent published on
+``/pauses``. The lower panel is each agent's samples/s, from its ``/sample`` send stamps.
+Time 0 is when the recording started: a latched message (sent before the recorder
+subscribed) is the state at 0, not drawn where it was sent. Plotting prints each agent's
+marks beside its own counters (``agent-1: 7 pauses, 7 resumes (its counters: +7, +7)``)
+and whether the line is at ``max_storage`` wherever storage's ``refused`` grew. All stamps
+are on one monotonic clock: the services and the recorder run on one host. Needs
+matplotlib (requirements-dev.txt); the services do not.
 """
 
 from __future__ import annotations
 
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
+from propagation.startup import require
+
 import argparse
 import dataclasses
+import math
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -48,7 +34,8 @@ from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation.cli import run_cli
 from propagation.config import ConfigError
-from tools.read_recording import read_messages, received_at, recording_file, sent_at
+from tools.figures import number, received_at, sent_at
+from tools.read_recording import read_messages, recording_file
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
@@ -159,9 +146,17 @@ class Recording:
     # Per agent: when it sent each sample, and the counters of its /pauses and /stats.
     samples: dict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(list))
     counters: dict[str, list[Counters]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    # Events left out because a figure was not a number, by service/path.
+    invalid: Counter[str] = dataclasses.field(default_factory=Counter)
 
     def add(self, name: str, event: Event, message: Message) -> None:
-        """Takes in one event if it is one the plot shows (``name``: ``agent-1/sample``)."""
+        """Takes in one event if it is one the plot shows (``name``: ``agent-1/sample``).
+
+        Whose it is comes from what it carries: storage publishes ``/level`` and
+        ``/residual``, an agent ``/sample`` and ``/pauses``; a ``/stats`` with
+        ``max_storage`` is storage's, one with ``pauses`` an agent's. An event whose
+        figures are not numbers is counted in ``invalid`` and left out.
+        """
         stamp = sent_at(event)
         if stamp is None:
             return
@@ -169,25 +164,32 @@ class Recording:
         if arrived is not None:
             self.started = arrived if self.started is None else min(self.started, arrived)
         service, _, path = name.partition("/")
-        if service.startswith("storage"):
-            self.add_storage(path, stamp, message)
-        elif service.startswith("agent") and path == "sample":
+        if path == "sample":
             self.samples[service].append(stamp)
-        elif service.startswith("agent") and path in ("pauses", "stats") and isinstance(message, Struct):
-            paused = bool(message["paused"]) if path == "pauses" else None
-            self.counters[service].append(Counters(stamp, int(message["pauses"]), int(message["resumes"]), paused))
-
-    def add_storage(self, path: str, stamp: float, message: Message) -> None:
-        """Takes in one of storage's events."""
-        if path == "level" and isinstance(message, Struct):
-            self.levels.append((stamp, message["count"]))
-            self.max_storage = message["max_storage"]
-        elif path == "stats" and isinstance(message, Struct):
-            self.stats_fill.append((stamp, message["count"]))
-            self.refused.append((stamp, message["refused"]))
-            self.max_storage = message["max_storage"]
         elif path == "residual" and isinstance(message, Int32Value):
             self.residuals.append((stamp, message.value))
+        elif isinstance(message, Struct) and path in ("level", "stats", "pauses"):
+            figures = dict(message)
+            if "max_storage" in figures:
+                keys: tuple[str, ...] = (
+                    ("count", "max_storage", "refused") if path == "stats" else ("count", "max_storage")
+                )
+            elif path == "pauses" or "pauses" in figures:
+                keys = ("pauses", "resumes")
+            else:
+                return  # another service's figures
+            values = [number(figures, key) for key in keys]
+            paused = figures.get("paused") if path == "pauses" else False
+            if not all(value is not None and math.isfinite(value) for value in values) or not isinstance(paused, bool):
+                self.invalid[name] += 1
+            elif "max_storage" in figures:
+                count, self.max_storage = values[0], values[1]
+                (self.levels if path == "level" else self.stats_fill).append((stamp, count))
+                if path == "stats":
+                    self.refused.append((stamp, values[2]))
+            else:
+                transition = paused if path == "pauses" else None
+                self.counters[service].append(Counters(stamp, int(values[0]), int(values[1]), transition))
 
     def start(self) -> float:
         """Time 0 of the plot: when the recording started.
@@ -268,6 +270,10 @@ def report(recording: Recording) -> list[str]:
         for agent, figures in marks.items()
         if not figures.agree()
     ]
+    lines += [
+        f"note: {count} events of {name} left out: a figure in them is not a number"
+        for name, count in sorted(recording.invalid.items())
+    ]
     if recording.levels and recording.max_storage is not None:
         grown, intervals, full = refusals_while_full(recording)
         lines.append(
@@ -314,7 +320,18 @@ def draw_fill(axes: Any, recording: Recording, start: float) -> None:
     line = ([(start, at_start)] if at_start is not None else []) + recorded
     axes.plot([stamp - start for stamp, _ in line], [count for _, count in line], ".-", color="C7", label="items")
     if at_start is not None:
-        axes.plot([0], [at_start], "o", color="C7", markerfacecolor="white", label="items at the start\n(latched)")
+        # On the y-axis: drawn over it (and past it), not clipped away under it.
+        axes.plot(
+            [0],
+            [at_start],
+            "o",
+            color="C7",
+            markerfacecolor="white",
+            markersize=8,
+            clip_on=False,
+            zorder=4,
+            label="items at the start\n(latched)",
+        )
     axes.set_ylabel("items in storage")
     if recording.max_storage is None:
         return
@@ -330,8 +347,9 @@ def draw_fill(axes: Any, recording: Recording, start: float) -> None:
         axes.plot([moment - start for moment in paused], [top + lift] * len(paused), "v", color=f"C{index}")
         resumed_at = [level_at(levels, moment) + lift for moment in resumed]
         axes.plot([moment - start for moment in resumed], resumed_at, "^", color=f"C{index}")
-    axes.plot([], [], "kv", label="an agent paused")
-    axes.plot([], [], "k^", label="it resumed")
+    axes.plot([], [], "kv", label="an agent paused: one row\nper agent above\nmax_storage")
+    axes.plot([], [], "k^", label="it resumed: at the fill\nthen, raised a little\nper agent")
+    axes.plot([], [], " ", label="(colour: the agent,\nas in the panel below)")
     axes.set_ylim(bottom=0, top=1.2 * top)
     axes.yaxis.get_major_locator().set_params(integer=True)  # items are whole
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
@@ -367,14 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     """Plots a recording into a PNG; returns the exit code."""
     cli = build_parser().parse_args(argv)
     # Optional: only this script needs matplotlib.
-    try:
-        import matplotlib  # noqa: PLC0415
+    require(("matplotlib",), "matplotlib", "install it: .venv/bin/pip install -r requirements-dev.txt")
+    import matplotlib  # noqa: PLC0415
 
-        matplotlib.use("Agg")  # no display needed
-        from matplotlib import pyplot  # noqa: PLC0415
-    except ImportError:
-        print("plot.py needs matplotlib: pip install matplotlib", file=sys.stderr)
-        return 1
+    matplotlib.use("Agg")  # no display needed
+    from matplotlib import pyplot  # noqa: PLC0415
 
     def body() -> None:
         file = recording_file(cli.recording)

@@ -20,6 +20,8 @@ the sizes are bounded.
 
 from __future__ import annotations
 
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
+
 import argparse
 import struct
 import sys
@@ -28,13 +30,13 @@ from pathlib import Path
 from typing import Iterator
 
 from farm_ng.core.event_pb2 import Event
-from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
 from google.protobuf.message import DecodeError, Message
 
 from propagation.cli import run_cli
 from propagation.config import ConfigError, service_name_in
 from propagation.serving import MAX_MESSAGE_BYTES
 from propagation.wire import PUBLISHED, WrongMessage, decode
+from tools.figures import received_at, sent_at
 
 LENGTH = struct.Struct("<I")
 
@@ -102,16 +104,6 @@ def read_messages(file: Path) -> Iterator[tuple[str, Event, Message]]:
             yield name, event, decode(event, payload, kind)
         except WrongMessage:
             continue
-
-
-def sent_at(event: Event) -> float | None:
-    """When the service sent an event, by its host's monotonic clock."""
-    return get_stamp_by_semantics_and_clock_type(event, StampSemantics.SERVICE_SEND, "monotonic")
-
-
-def received_at(event: Event) -> float | None:
-    """When the recorder received an event, by its host's monotonic clock."""
-    return get_stamp_by_semantics_and_clock_type(event, StampSemantics.CLIENT_RECEIVE, "monotonic")
 
 
 def summary(file: Path) -> list[str]:

@@ -22,20 +22,18 @@ port only, and refuses any request but ``/start/record_default`` (carrying an
 
 from __future__ import annotations
 
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
+
 import argparse
 import asyncio
 import sys
-
-from propagation.cli import quiet_grpc_core, run_cli
-
-if __name__ == "__main__":
-    quiet_grpc_core()  # before gRPC loads: its core's INFO lines would mix with the output
 
 from farm_ng.core.event_service import EventServiceGrpc
 from farm_ng.core.event_service_pb2 import EventServiceConfigList
 from farm_ng.core.event_service_recorder import RecorderService
 from google.protobuf.empty_pb2 import Empty
 
+from propagation.cli import run_cli
 from propagation.config import ConfigError, Entry, check_endpoint, find_entry, read_config
 from propagation.logs import configure_logging
 from propagation.serving import create_server, serve

@@ -6,13 +6,18 @@ prints lines such as
 
     agent-3/sample 1234 {"sample": 0.5398770072851099, "task_id": 0.0}
 
-(the service and path, the event's sequence number, the message as JSON). farm-ng-core's
-own ``python -m farm_ng.core.event_client`` prints payload sizes only. ``--path '*'``
-(the default) follows every path of the service. It waits for a service that is not
-up yet and carries on across its restarts; Ctrl-C stops it.
+(the service and path, the event's sequence number, the message as JSON; a message
+JSON cannot hold, such as a ``/stats`` with NaN in it, in protobuf's text format, marked
+invalid). farm-ng-core's own ``python -m farm_ng.core.event_client`` prints payload sizes
+only. ``--path '*'`` (the default) follows every path of the service. A service that is
+not up yet, or goes away, is said on stderr (``agent-3 is not up yet at localhost:5003;
+retrying``) and tried again, each attempt bounded to a second; watch carries on across
+its restarts. Ctrl-C stops it.
 """
 
 from __future__ import annotations
+
+import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
 
 import argparse
 import asyncio
@@ -23,16 +28,12 @@ import signal
 import sys
 from typing import TYPE_CHECKING
 
-from propagation.cli import quiet_grpc_core, run_cli
-
-if __name__ == "__main__":
-    quiet_grpc_core()  # before gRPC loads: its core's INFO lines would mix with the output
-
 from farm_ng.core.event_service_pb2 import SubscribeRequest
 from farm_ng.core.uri_pb2 import Uri
-from google.protobuf import json_format
+from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 
+from propagation.cli import run_cli
 from propagation.config import ConfigError, check_endpoint, find_entry, read_config
 from propagation.peers import PeerClient
 
@@ -44,7 +45,10 @@ if TYPE_CHECKING:
 def describe(service_name: str, event: Event, message: Message | bytes) -> str:
     """``agent-3/sample 1234 {"sample": 0.53, "task_id": 0.0}``."""
     if isinstance(message, Message):
-        shown = json.dumps(json_format.MessageToDict(message), sort_keys=True)
+        try:
+            shown = json.dumps(json_format.MessageToDict(message), sort_keys=True)
+        except ValueError as exc:  # NaN or infinity: JSON has no such number
+            shown = f"{text_format.MessageToString(message, as_one_line=True)} (invalid: {exc})"
     else:
         shown = f"<{len(message)} bytes>"
     return f"{service_name}{event.uri.path} {event.sequence} {shown}"
@@ -107,9 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line and prints events; returns the exit code."""
     cli = build_parser().parse_args(argv)
-    # Only events on stdout; PeerClient's warnings (a peer gone, a refusal) on stderr, its
-    # lines about a peer coming up not at all.
-    logging.disable(logging.INFO)
+    # Only events on stdout; PeerClient's lines (a peer not up yet, gone, back, a refusal) on stderr.
+    said = logging.StreamHandler(sys.stderr)
+    said.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("watch")
+    logger.addHandler(said)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
     def body() -> None:
         entry = find_entry(read_config(cli.service_config), cli.service_name, cli.service_config)
