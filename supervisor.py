@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
 
+import asyncio
 import dataclasses
 import time
 
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
 from farm_ng.core.event_service_pb2 import SubscribeRequest
+from farm_ng.core.timestamp_pb2 import Timestamp
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.struct_pb2 import Struct
@@ -117,16 +119,27 @@ class Supervisor:
         return stored, residual, reply.event
 
     async def tell_agent(self, link: AgentLink) -> None:
-        """Sends an agent its residuals (``/update_residual``): one call at a time, the newest next."""
-        async for residual, stamps, wake_up in link.residuals():
-            try:
-                await link.agent.request_reply("/update_residual", Int32Value(value=residual), timestamps=stamps)
-            except PeerUnavailable:
-                link.outbox.done(None)
-                self.counts.unsent += 1
-            else:
-                link.outbox.done(residual)
-                self.counts.wakeups += wake_up
+        """Sends an agent its residuals (``/update_residual``): a few calls at once, the newest next."""
+        calls: set[asyncio.Future[None]] = set()
+        try:
+            async for residual, stamps, wake_up in link.residuals():
+                call = asyncio.ensure_future(self.tell(link, residual, stamps, wake_up))
+                calls.add(call)
+                call.add_done_callback(calls.discard)
+        finally:
+            for call in calls:
+                call.cancel()
+
+    async def tell(self, link: AgentLink, residual: int, stamps: list[Timestamp], wake_up: bool) -> None:
+        """One call: tells the agent ``residual``."""
+        try:
+            await link.agent.request_reply("/update_residual", Int32Value(value=residual), timestamps=stamps)
+        except PeerUnavailable:
+            link.done(None)
+            self.counts.unsent += 1
+        else:
+            link.done(residual)
+            self.counts.wakeups += wake_up
 
     async def watch_pauses(self, link: AgentLink) -> None:
         """Follows an agent's ``/pauses``: whether it is paused, in its own words."""

@@ -97,12 +97,17 @@ class AgentLink:
         return bool(self.agent.reachable) and self.outbox.may_need_waking()
 
     async def residuals(self) -> AsyncIterator[tuple[int, list[Timestamp], bool]]:
-        """Each residual to send, as ``Outbox.take`` gives them, until cancelled; then ``outbox.done``."""
+        """Each residual to send, as ``Outbox.take`` gives them, until cancelled; then ``done``."""
         while True:
             await self._ready.wait()
             self._ready.clear()
             while (taken := self.outbox.take()) is not None:
                 yield taken
+
+    def done(self, delivered: int | None) -> None:
+        """A call to the agent ended (``Outbox.done``): another may start."""
+        self.outbox.done(delivered)
+        self._ready.set()
 
 
 class SampleQueue:

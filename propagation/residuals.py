@@ -171,17 +171,23 @@ class PauseView:
 
 
 class Outbox:
-    """What a supervisor has to tell one agent: one call at a time, the newest residual next.
+    """What a supervisor has to tell one agent: a few calls at a time, the newest residual next.
 
     An agent needs the room left now, not each step on the way: a residual that comes while
-    a call to the agent is under way waits, and a newer one replaces it (``superseded``
-    counts those). So a slow or silent agent holds one call, never its siblings' turn.
+    the agent's calls are all under way waits, and a newer one replaces it (``superseded``
+    counts those). So a slow or silent agent holds ``MAX_CALLS`` calls at most, never its
+    siblings' turn; and on a slow link the calls overlap, so that a residual need not wait
+    for the reply to the one before. An agent that never says whether it is paused
+    (farm-ng's original, which applies residuals as they come) gets one call at a time: the
+    last residual delivered to it is then the one it applied last.
     """
+
+    MAX_CALLS = 4
 
     def __init__(self) -> None:
         self.pauses = PauseView()
         self.waiting: tuple[int, list[Timestamp], bool] | None = None  # value, stamps, whether a wake-up
-        self.calling = False
+        self.calls = 0  # under way
         self.superseded = 0
 
     def tell(self, residual: int, stamps: list[Timestamp], wake_up: bool = False) -> None:
@@ -193,22 +199,23 @@ class Outbox:
         self.waiting = (residual, stamps, wake_up)
 
     def take(self) -> tuple[int, list[Timestamp], bool] | None:
-        """The residual to send now, if any and no call is under way; the call is then under way."""
-        if self.calling or self.waiting is None:
+        """The residual to send now, if one waits and a call is free; that call is then under way."""
+        limit = self.MAX_CALLS if self.pauses.reported is not None else 1
+        if self.calls >= limit or self.waiting is None:
             return None
         taken, self.waiting = self.waiting, None
-        self.calling = True
+        self.calls += 1
         return taken
 
     def done(self, delivered: int | None) -> None:
-        """The call ended: ``delivered`` is the residual it delivered, None if it failed."""
-        self.calling = False
+        """A call ended: ``delivered`` is the residual it delivered, None if it failed."""
+        self.calls -= 1
         if delivered is not None:
             self.pauses.delivered = delivered
 
     def may_need_waking(self) -> bool:
         """Whether storage's room should go to this agent: nothing on its way to it, and it may be paused."""
-        return not self.calling and self.waiting is None and self.pauses.may_be_paused()
+        return not self.calls and self.waiting is None and self.pauses.may_be_paused()
 
 
 def _newness(stamps: list[Timestamp]) -> tuple[Any, ...]:

@@ -312,10 +312,10 @@ class Supervisor:
 
     def send_next(self, agent: str) -> None:
         outbox = self.outboxes[agent]
-        taken = outbox.take()
-        if taken is None:
-            return
-        residual, stamps, _ = taken
+        while (taken := outbox.take()) is not None:
+            self.call(agent, outbox, *taken)
+
+    def call(self, agent: str, outbox: Outbox, residual: int, stamps: list[Any], _: bool) -> None:
 
         def delivered(_: Any) -> None:
             outbox.done(residual)
