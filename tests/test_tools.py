@@ -311,6 +311,10 @@ def test_marks_count_what_the_counters_count() -> None:
     again = plot.Counters(sent=13.0, pauses=1, resumes=0, paused=True)
     figures = plot.pause_figures([latched, paused, again], started=10.0)
     assert (len(figures.pauses), figures.counted_pauses) == (2, 2)
+    # The /pauses an agent publishes at its start is its state, not a resume.
+    started = plot.Counters(sent=10.1, pauses=0, resumes=0, paused=False)
+    figures = plot.pause_figures([started, plot.Counters(sent=11.1, pauses=0, resumes=0, paused=False)], 10.0)
+    assert (figures.pauses, figures.resumes, figures.counted_resumes) == ([], [], 0)
     # Without a message before the start, a first transition is a mark.
     figures = plot.pause_figures([plot.Counters(sent=10.2, pauses=1, resumes=0, paused=True)], started=10.0)
     assert (len(figures.pauses), figures.counted_pauses) == (1, 1)

@@ -62,13 +62,21 @@ class Counters:
 
     def before(self) -> tuple[int, int]:
         """The counters just before this message's own transition (if it is one)."""
-        if self.paused is None:
+        if not self.is_transition():
             return self.pauses, self.resumes
         return (self.pauses - 1, self.resumes) if self.paused else (self.pauses, self.resumes - 1)
 
     def number(self) -> int:
         """Which pause (or resume) of the agent this transition is: 1 for its first."""
         return self.pauses if self.paused else self.resumes
+
+    def is_transition(self) -> bool:
+        """Whether it may carry a transition: a ``/pauses`` after the agent's first pause or resume.
+
+        An agent publishes ``/pauses`` at each change and every second; the one it publishes
+        at its start (no pause, no resume yet) is its state, not a change.
+        """
+        return self.paused is not None and self.number() > 0
 
 
 @dataclasses.dataclass
@@ -119,7 +127,7 @@ def pause_figures(messages: list[Counters], started: float) -> PauseFigures:
             base = (0, 0)
             seen.clear()
         last = (message.pauses, message.resumes)
-        if message.paused is None:
+        if not message.is_transition():
             continue
         kind = 0 if message.paused else 1
         if message.number() > base[kind] and (message.paused, message.number()) not in seen:
