@@ -154,7 +154,7 @@ class Table:
         }
         self.latency.update({rate: Row(f"{latency}, agent-3 at {rate:g} Hz", two, "<<<") for rate in LATENCY_RATES})
         self.unstored = Row(
-            f"agent-3 at {UNSTORED_RATE} Hz: unstored/s (dropped + not stored or unconfirmed + refused + agent queue) / relayable/s",
+            f"agent-3 at {UNSTORED_RATE} Hz: unstored/s (dropped + not stored + refused + agent queue) / relayable/s",
             "{:.0f} / {:.0f}",
             "<.",
         )
@@ -499,7 +499,7 @@ def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, load
         "Relay rows: published - stored - lost is how much the backlog grew over the interval: stored/s a little",
         "  above published/s is a backlog drained; far below it with few lost, one building up (the supervisor lags).",
         "Latency: service_config.json as it is (log_level INFO): agent publish -> residual back at the agent;",
-        "  unstored: dropped, not stored, unconfirmed or refused by the supervisor, or dropped from its queue by the agent.",
+        "  unstored: dropped, not stored or unconfirmed, or refused by the supervisor, or dropped by the agent.",
         "Floor: the CPU of a bare farm-ng-core call and event, both ends, in this process, in the same run; in floors:",
         "  each process's CPU per relay over 2 calls + 1 event, the least a relay takes with farm-ng-core.",
     ]
