@@ -26,8 +26,8 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
+from propagation.args import arg
 from propagation.cli import ServiceSpec, run
-from propagation.config import arg
 from propagation.pacing import Pacer
 from propagation.residuals import PAUSES_MIN_GAP_S, PAUSES_PERIOD_S, ResidualFilter
 from propagation.serving import create_server, serve

@@ -1,9 +1,7 @@
 """Supervisor: stores the agents' good samples and tells each agent what room is left.
 
-Each sample above ``confidence`` from the agents it subscribes to goes to ``/update_storage``
-on ``storage``; the reply, the residual (``Residual: value: 455``), goes back to the agent
-on ``/update_residual``. A paused agent publishes nothing: it hears of room from storage's
-``/residual`` (``watch_storage``).
+Each sample above ``confidence`` from its agents goes to ``/update_storage``; the residual
+it gets back goes to the agent on ``/update_residual`` (``watch_storage`` wakes one paused).
 
     python supervisor.py --service-config service_config.json --service-name supervisor-1
 """
@@ -14,7 +12,6 @@ import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core l
 
 import asyncio
 import dataclasses
-import time
 
 from farm_ng.core.event_pb2 import Event
 from farm_ng.core.event_service import EventServiceGrpc
@@ -26,8 +23,8 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation import wire
+from propagation.args import arg
 from propagation.cli import ServiceSpec, run
-from propagation.config import arg
 from propagation.logs import Tally
 from propagation.peers import PeerClient, PeerUnavailable
 from propagation.relaying import AgentLink, SampleQueue, SupervisorCounts, batch_residuals, store_outcome
@@ -64,19 +61,16 @@ class Supervisor:
     async def relay(self) -> None:
         """Stores what waits (one sample, or all that queued), then tells each agent the room left."""
         while True:
-            batch = await self.queue.next_batch()
-            await self.store(batch)
+            await self.store(await self.queue.next_batch())
 
     async def store(self, batch: list[tuple[AgentLink, Event]]) -> None:
         """The round trip: store the samples, tell each agent the residual its last one left."""
-        outcome = None
-        if len(batch) == 1 or self.takes_batches is not False:
-            try:
-                outcome = await self.ask_storage(len(batch))
-            except PeerUnavailable as exc:  # if the call left, storage may have stored them
-                self.counts.unconfirmed += len(batch) if exc.sent else 0
-                self.counts.not_stored += 0 if exc.sent else len(batch)
-                return
+        try:
+            outcome = await self.ask_storage(len(batch))
+        except PeerUnavailable as exc:  # if the call left, storage may have stored them
+            self.counts.unconfirmed += len(batch) if exc.sent else 0
+            self.counts.not_stored += 0 if exc.sent else len(batch)
+            return
         if outcome is None:  # a storage without batches: one call each
             for item in batch:
                 await self.store([item])
@@ -99,6 +93,8 @@ class Supervisor:
             PeerUnavailable: no valid reply; ``sent`` says whether storage may have had the call.
 
         """
+        if items > 1 and self.takes_batches is False:
+            return None
         if items == 1:
             path, reply = "/update_storage", await self.storage.request_reply("/update_storage", Empty())
         else:
@@ -152,20 +148,18 @@ class Supervisor:
     async def watch_storage(self) -> None:
         """Forwards storage's ``/residual``, when it has room, to each agent that may be paused.
 
-        A paused agent publishes nothing, so no relay would ever reach it again. Storage
-        re-asserts its residual after each drain and at least every half second; each
-        agent re-asserts whether it is paused. Matching the two on every period wakes an
-        agent whatever was lost before. In steady state (no agent paused) this sends nothing.
+        A paused agent publishes nothing: no relay would reach it again. Both facts are
+        re-asserted on a period, so this wakes it whatever was lost (``propagation.residuals``).
         """
         request = SubscribeRequest(uri=Uri(path="/residual", query="service_name=storage"), every_n=1)
-        last = 0.0
+        clock, last = asyncio.get_running_loop(), 0.0
         flood = Tally(self.service.logger)
         async for event, residual in self.storage.subscribe(request, decode=True):
-            if time.monotonic() - last < MIN_RESIDUAL_GAP_S:
+            if clock.time() - last < MIN_RESIDUAL_GAP_S:
                 self.counts.residuals_skipped += 1
                 flood.add("skipped %d /residual events that came too soon after the last: only the newest matters")
                 continue
-            last = time.monotonic()
+            last = clock.time()
             if isinstance(residual, Int32Value) and residual.value > 0:
                 for link in self.agents.values():
                     if link.may_need_waking():
@@ -192,10 +186,8 @@ class SupervisorArgs:
     """The ``args`` of a supervisor entry in the config."""
 
     confidence: float = arg(0, 1)
-    # Relays (store, then tell the agent) under way at once; 1 is one at a time.
-    max_in_flight: int = arg(1, 64, default=8)
-    # Samples a relay stores in one call when they queue up; 1 is one call each.
-    max_batch: int = arg(1, 64, default=32)  # at most what waits (propagation.relaying.MAX_PENDING)
+    max_in_flight: int = arg(1, 64, default=8)  # relays under way at once; 1 is one at a time
+    max_batch: int = arg(1, 64, default=32)  # samples stored in one call when they queue; at most MAX_PENDING
 
 
 async def main(spec: ServiceSpec[SupervisorArgs]) -> int:

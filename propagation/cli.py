@@ -14,13 +14,12 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Awaitable, Callable, Generic, NoReturn, Sequence, TypeVar
 
+from propagation.args import parse_args
 from propagation.config import (
     ConfigError,
     Entry,
     check_entry,
-    check_port_free,
     find_entry,
-    parse_args,
     read_config,
     script_role,
 )
@@ -58,14 +57,12 @@ def load(
     description: str,
     args_type: type[ArgsT],
     argv: Sequence[str] | None = None,
-    check_port: bool = True,
     script: str | None = None,
 ) -> ServiceSpec[ArgsT]:
-    """Parses the command line, reads the config, checks the entry and its args, and its port.
+    """Parses the command line, reads the config, checks the entry and its args.
 
     The entry is checked as the role that ``script`` runs (the running script unless
-    given: ``agent.py`` runs agents), whatever its name. With ``check_port`` the entry's
-    host must resolve to an address of this machine where its port is free.
+    given: ``agent.py`` runs agents), whatever its name.
 
     Raises:
         ConfigError: naming the file, service, arg or value at fault.
@@ -80,8 +77,6 @@ def load(
     entry = find_entry(entries, cli.service_name, cli.service_config)
     check_entry(entry, entries, script_role(sys.argv[0] if script is None else script))
     args = parse_args(entry, args_type)
-    if check_port:
-        check_port_free(entry.host, entry.port)
     return ServiceSpec(entry, tuple(entries), args)
 
 

@@ -9,38 +9,13 @@ entry, the field or the arg at fault, in one line.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import ipaddress
 import json
-import math
 import os
 import re
-import socket
 import stat
-import typing
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import Any, Callable, Mapping, Sequence
 
-__all__ = [
-    "MAX_CONFIG_BYTES",
-    "ROLES",
-    "ConfigError",
-    "Entry",
-    "Subscription",
-    "arg",
-    "check_endpoint",
-    "check_entry",
-    "check_host",
-    "check_port_free",
-    "find_entry",
-    "is_loopback",
-    "parse_args",
-    "read_config",
-    "role_of",
-    "script_role",
-    "service_name_in",
-]
-
-ArgsT = TypeVar("ArgsT")
+from propagation.network import check_host
 
 # A config of this example is about 1 kB; these bounds leave room for big systems and
 # keep a wrong file (a log, an image, /dev/zero) from being read or parsed for long.
@@ -69,18 +44,6 @@ URI_FIELDS = frozenset({"scheme", "authority", "path", "query"})
 # protobuf's ParseDict takes a field by either name; given both, it runs with the later.
 SPELLINGS = {"log_level": "logLevel", "every_n": "everyN"}
 
-# Host names as gRPC resolves them: labels of 1 to 63 characters, no dot at the end.
-MAX_HOST = 253
-LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
-# A label that reads as a number (or as hex, "0x7f"): the host is then an IPv4 address,
-# which gRPC reads as four decimal numbers only.
-NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
-DECIMAL_BYTE = re.compile(r"0|[1-9][0-9]{0,2}")
-SCOPE = re.compile(r"[A-Za-z0-9_.-]+")
-# gRPC reads "unix:7010" as the unix socket "7010", whatever the case: a target that
-# starts with the name of one of its resolvers is a URI of that scheme, not host:port.
-GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
-
 
 class ConfigError(Exception):
     """A problem with the command line, the config file or a service's args."""
@@ -93,11 +56,6 @@ class Subscription:
     path: str
     query: str
     every_n: int
-
-    @property
-    def service_name(self) -> str | None:
-        """The ``service_name`` of the query, if it names exactly one."""
-        return service_name_in(self.query)
 
 
 def service_name_in(query: str) -> str | None:
@@ -429,7 +387,7 @@ def check_entry(entry: Entry, entries: Sequence[Entry], role: str | None = None)
     if (role or entry.role) != "supervisor":
         return
     for subscription in entry.subscriptions:
-        agent = subscription.service_name
+        agent = service_name_in(subscription.query)
         where = f"service {entry.name!r}: subscription {subscription.path}?{subscription.query}"
         if subscription.path != "/sample" or agent is None:
             msg = f"{where} must be /sample with service_name=<agent>"
@@ -460,189 +418,7 @@ def check_endpoint(entry: Entry) -> None:
     if not 0 < entry.port < 65536:
         msg = f"service {entry.name!r} has port {entry.port} in the config; it needs one in 1..65535"
         raise ConfigError(msg)
-    check_host(f"service {entry.name!r} has host {entry.host!r}", entry.host, entry.port)
-
-
-def check_host(where: str, host: str, port: int) -> None:
-    """Checks that gRPC reads ``host:port`` as this host and port, and resolves it as Python does.
-
-    Python's resolver is more lenient than gRPC's: it takes ``127.1``, ``2130706433`` and
-    ``0x7f000001`` as 127.0.0.1, ``0177.0.0.1`` as 127.0.0.1 where gRPC reads 177.0.0.1,
-    and ``localhost.`` with its final dot. A label that is empty (``agent..lan``) or over
-    63 characters fails in Python with a ``UnicodeError``.
-
-    Raises:
-        ConfigError: ``where`` and what gRPC would make of it.
-
-    """
-    if len(host) > MAX_HOST:
-        msg = f"{where}: a host name has at most {MAX_HOST} characters"
-        raise ConfigError(msg)
-    if ":" in host:
-        address, percent, scope = host.partition("%")
-        try:
-            ipaddress.IPv6Address(address)
-        except ValueError:
-            msg = f"{where}: not a host name, and not an IPv6 address"
-            raise ConfigError(msg) from None
-        if percent and not SCOPE.fullmatch(scope):
-            msg = f"{where}: an IPv6 address's scope (after %) is an interface name or number"
-            raise ConfigError(msg)
-        return
-    labels = (host[:-1] if host.endswith(".") else host).split(".")
-    if "" in labels:
-        msg = f"{where}: it has an empty label (a dot at the start or two in a row)"
-        raise ConfigError(msg)
-    wrong = next((label for label in labels if not LABEL.fullmatch(label)), None)
-    if wrong is not None:
-        msg = f"{where}: its label {wrong[:70]!r} is not 1 to 63 letters, digits, '-' or '_'"
-        raise ConfigError(msg)
-    if host.endswith("."):
-        msg = f"{where}: gRPC does not resolve a name that ends with a dot; write {host[:-1]!r}"
-        raise ConfigError(msg)
-    if NUMERIC_LABEL.fullmatch(labels[-1]) and not (
-        len(labels) == 4 and all(DECIMAL_BYTE.fullmatch(label) and int(label) < 256 for label in labels)
-    ):
-        msg = (
-            f"{where}: not an IPv4 address as gRPC reads it (four numbers 0 to 255, without"
-            " leading zeros, e.g. 127.0.0.1); Python reads short and hex forms, gRPC does not"
-        )
-        raise ConfigError(msg)
-    if host.lower() in GRPC_SCHEMES:
-        msg = f"{where}: gRPC reads '{host}:{port}' as a {host.lower()}: address, not as a host and port"
-        raise ConfigError(msg)
-
-
-# ---------------------------------------------------------------------------------
-# A service's args
-
-
-def arg(minimum: float, maximum: float, default: Any = dataclasses.MISSING, unit: str = "") -> Any:
-    """A field of a service's args dataclass with its allowed range (and default, if optional).
-
-    Example: ``rate: float = arg(0.01, 10_000, unit="Hz")``.
-    """
-    metadata = {"minimum": minimum, "maximum": maximum, "unit": unit}
-    return dataclasses.field(default=default, metadata=metadata)
-
-
-def parse_args(entry: Entry, args_type: type[ArgsT]) -> ArgsT:
-    """Turns an entry's ``"key=value"`` args into ``args_type``, a dataclass.
-
-    Each field's annotation (``int``, ``float``, ``bool``, ``str``) says how its value is
-    parsed, and its ``arg()`` range bounds it; a field without a default is required.
-    The dataclass's ``__post_init__`` may raise ``ValueError`` for rules between fields.
-
-    Raises:
-        ConfigError: an arg is malformed, unknown, repeated, missing, of the wrong type
-            or out of range.
-
-    """
-    types = typing.get_type_hints(args_type)
-    fields = {field.name: field for field in dataclasses.fields(args_type)}  # type: ignore[arg-type]
-    where = f"service {entry.name!r}"
-    values: dict[str, Any] = {}
-    for text in entry.args:
-        key, sep, value = (part.strip() for part in text.partition("="))
-        if not sep or not key:
-            msg = f"{where}: arg {text!r} is not of the form key=value"
-            raise ConfigError(msg)
-        if key not in fields:
-            msg = f"{where}: unknown arg {key!r} (it takes: {', '.join(fields)})"
-            raise ConfigError(msg)
-        if key in values:
-            msg = f"{where}: arg {key!r} is given twice"
-            raise ConfigError(msg)
-        values[key] = _parse_value(f"{where}: arg {key}", value, types[key], fields[key].metadata)
-    missing = [name for name, field in fields.items() if name not in values and field.default is dataclasses.MISSING]
-    if missing:
-        msg = f'{where}: missing arg {missing[0]!r} (add "{missing[0]}=..." to its args)'
-        raise ConfigError(msg)
     try:
-        return args_type(**values)
+        check_host(f"service {entry.name!r} has host {entry.host!r}", entry.host, entry.port)
     except ValueError as exc:
-        msg = f"{where}: {exc}"
-        raise ConfigError(msg) from None
-
-
-def _number(value: float) -> str:
-    return str(value) if isinstance(value, int) else f"{value:g}"
-
-
-BOOLEANS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
-
-
-def _parse_value(where: str, text: str, kind: type, bounds: Mapping[str, Any]) -> Any:
-    if kind is bool:
-        if text.lower() not in BOOLEANS:
-            msg = f"{where}={text!r} is not true or false"
-            raise ConfigError(msg)
-        return BOOLEANS[text.lower()]
-    if kind is str:
-        return text
-    if kind not in (int, float):
-        msg = f"{where}: fields of type {kind} are not supported"
-        raise TypeError(msg)
-    try:
-        value = kind(text)
-    except ValueError:
-        msg = f"{where}={text!r} is not {'a whole number' if kind is int else 'a number'}"
-        raise ConfigError(msg) from None
-    if not math.isfinite(value):
-        msg = f"{where}={text!r} is not a finite number"
-        raise ConfigError(msg)
-    low, high = bounds.get("minimum"), bounds.get("maximum")
-    if low is not None and high is not None and not low <= value <= high:
-        msg = f"{where}={text} must be in {_number(low)}..{_number(high)}"
-        raise ConfigError(msg)
-    return value
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Tries the bind that gRPC will do, to name the problem in one line.
-
-    gRPC reports a failed bind as a generic error (and a C-level log line); a plain
-    socket tells why.
-
-    Raises:
-        ConfigError: the host does not resolve, is not an address of this machine, or
-            the port is in use there.
-
-    """
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        msg = f"host {host!r} does not resolve: {exc.strerror}"
-        raise ConfigError(msg) from None
-    except UnicodeError:  # a label that is empty or too long (check_host says which)
-        msg = f"host {host!r} is not a valid host name"
-        raise ConfigError(msg) from None
-    for family, kind, proto, _, sockaddr in infos:
-        with socket.socket(family, kind, proto) as probe:
-            # As gRPC does: connections of a stopped server in TIME_WAIT must not
-            # block a restart, while a live listener still does.
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                probe.bind(sockaddr)
-            except OSError as exc:
-                if exc.errno == errno.EADDRINUSE:
-                    msg = f"port {port} on {host} ({sockaddr[0]}) is already in use"
-                elif exc.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6 and len(infos) > 1:
-                    continue  # no IPv6 here: gRPC binds the IPv4 address alone
-                else:
-                    msg = f"cannot listen on {host}:{port} ({sockaddr[0]}): {exc.strerror}"
-                raise ConfigError(msg) from None
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine's loopback only (``localhost``, ``127.0.0.1``, ``::1``).
-
-    A service there is reached from this machine alone: never over a thin link.
-    """
-    try:
-        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+        raise ConfigError(str(exc)) from None

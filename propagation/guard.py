@@ -27,33 +27,19 @@ a stream ended then would be left reading a silent stream that never closes.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
-import urllib.parse
 from typing import TYPE_CHECKING, Any, AsyncIterator, Awaitable, Callable, Iterable
 
 import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 
 from propagation.logs import Tally
+from propagation.network import address_of_peer
 from propagation.wire import Contract, WrongMessage, check_request, decode, shown
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import RequestReplyRequest, SubscribeRequest
 
-__all__ = [
-    "COUNTERS",
-    "MAX_SUBSCRIBERS",
-    "REFUSED_REQUESTS",
-    "REFUSED_SUBSCRIPTIONS",
-    "STRANGER_SUBSCRIBERS",
-    "STRANGER_SUBSCRIBERS_EACH",
-    "SUBSCRIBERS",
-    "PathGuard",
-    "address_of_peer",
-    "addresses_of",
-]
 
 # Open subscriptions a service serves at once from the hosts of its config: its
 # supervisors, a monitor, a recorder, a few watchers. Each costs a queue and a copy of
@@ -208,36 +194,3 @@ class PathGuard(grpc.aio.ServerInterceptor):
     def _count(self, counter: str, kind: str) -> None:
         self._metrics.update_data(counter, int(self._metrics.get(counter)) + 1)
         self._tally.add(kind)
-
-
-def address_of_peer(peer: str) -> str:
-    """The IP address in gRPC's name for a peer (``ipv4:10.0.0.2:5000``, ``ipv6:%5B::1%5D:5000``).
-
-    An IPv4 address in IPv6 form (``::ffff:10.0.0.2``) comes back as IPv4; a peer that
-    is not on IP (a unix socket) as the name itself.
-    """
-    kind, _, rest = peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return peer
-    return _normal(urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")) or peer
-
-
-def addresses_of(hosts: Iterable[str]) -> set[str]:
-    """The IP addresses the hosts resolve to now; a host that does not resolve adds none."""
-    found: set[str] = set()
-    for host in set(hosts):
-        try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            continue
-        found.update(address for address in (_normal(info[4][0]) for info in infos) if address)
-    return found
-
-
-def _normal(host: str) -> str | None:
-    """An IP address as ``str(ipaddress.ip_address())`` writes it, IPv4 in IPv6 form as IPv4."""
-    try:
-        address = ipaddress.ip_address(host.partition("%")[0])
-    except ValueError:
-        return None
-    return str(getattr(address, "ipv4_mapped", None) or address)

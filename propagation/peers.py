@@ -37,9 +37,8 @@ from farm_ng.core.event_service_pb2_grpc import EventServiceStub
 from farm_ng.core.stamp import StampSemantics, get_monotonic_now, get_system_clock_now
 from farm_ng.core.uri import make_proto_uri
 
-from propagation.config import is_loopback
 from propagation.logs import Tally
-from propagation.serving import MAX_MESSAGE_BYTES, grpc_address
+from propagation.network import MAX_MESSAGE_BYTES, grpc_address, is_loopback
 from propagation.wire import PUBLISHED, REPLIES, WrongMessage, decode, shown
 
 if TYPE_CHECKING:

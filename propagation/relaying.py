@@ -21,7 +21,8 @@ from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_
 from google.protobuf.struct_pb2 import Struct
 
 from propagation import wire
-from propagation.config import is_loopback, service_name_in
+from propagation.config import service_name_in
+from propagation.network import is_loopback
 from propagation.peers import PeerClient, fresh_stream_options
 from propagation.residuals import Outbox
 

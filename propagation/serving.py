@@ -22,9 +22,10 @@ import grpc
 from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 from google.protobuf.struct_pb2 import Struct
 
-from propagation.config import ConfigError, check_port_free, is_loopback
-from propagation.guard import COUNTERS, PathGuard, addresses_of
+from propagation.config import ConfigError
+from propagation.guard import COUNTERS, PathGuard
 from propagation.logs import read_back_core_log
+from propagation.network import MAX_MESSAGE_BYTES, addresses_of, check_port_free, grpc_address, is_loopback
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service import EventServiceGrpc
@@ -32,12 +33,9 @@ if TYPE_CHECKING:
     from propagation.config import Entry
     from propagation.wire import Contract
 
-__all__ = ["MAX_MESSAGE_BYTES", "SERVER_OPTIONS", "STOP_GRACE_S", "create_server", "grpc_address", "serve"]
 
 # How long Ctrl-C lets calls in flight finish before the server closes them.
 STOP_GRACE_S = 0.5
-# Every message of this contract is well under a kilobyte; gRPC's default is 4 MiB.
-MAX_MESSAGE_BYTES = 64 * 1024
 # The options against a stranger's abuse are listed in the README (Security).
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     # gRPC on Linux sets SO_REUSEPORT: a second server on a used port would start
@@ -184,16 +182,13 @@ def bind(service: EventServiceGrpc) -> str:
 
     """
     host, port = service.config.host, service.config.port
-    check_port_free(host, port)  # checked before the imports too: the port may have gone since
     address = grpc_address(host, port)
     try:
+        check_port_free(host, port)  # gRPC would say only that it failed
         service.server.add_insecure_port(address)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     except RuntimeError:
         msg = f"cannot listen on {address}"
         raise ConfigError(msg) from None
     return address
-
-
-def grpc_address(host: str, port: int) -> str:
-    """``host:port`` as gRPC reads it: an IPv6 address goes in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -2,7 +2,9 @@
 
     import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core load)
 
-Importing it is the point (pyproject.toml's isort section ``startup`` keeps it first):
+Importing it is the point (pyproject.toml's isort section ``startup`` keeps it first), when
+the program running is one of this repository's scripts (a test that imports ``agent`` for
+its args is not):
 
 - Ctrl-C, SIGTERM and SIGHUP end the process quietly with code 0 while the libraries
   load (seconds on a busy machine), until the script takes them over;
@@ -20,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+from pathlib import Path
 
 from propagation.cli import quiet_grpc_core, quiet_signals
 
@@ -54,6 +57,13 @@ def require(
         sys.exit(1)
 
 
-quiet_signals()
-quiet_grpc_core()
-require()
+def running_our_script() -> bool:
+    """Whether the program running is a script of this repository (``agent.py``, ``tools/monitor.py``)."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    return script is not None and Path(__file__).resolve().parent.parent in Path(script).resolve().parents
+
+
+if running_our_script():
+    quiet_signals()
+    quiet_grpc_core()
+    require()

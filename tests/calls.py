@@ -16,8 +16,8 @@ from farm_ng.core.event_service_pb2_grpc import EventServiceStub
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf.message import Message
 
+from propagation.network import grpc_address
 from propagation.peers import PeerClient
-from propagation.serving import grpc_address
 
 
 @contextlib.asynccontextmanager

@@ -31,7 +31,8 @@ from google.protobuf.wrappers_pb2 import Int32Value
 from helpers import ROOT, STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Process, Services, port_of, requests, stats, write_config
 from raw_http2 import REQUEST_REPLY, SUBSCRIBE, RawConnection, grpc_message
 
-from propagation.guard import STRANGER_SUBSCRIBERS, STRANGER_SUBSCRIBERS_EACH, address_of_peer
+from propagation.guard import STRANGER_SUBSCRIBERS, STRANGER_SUBSCRIBERS_EACH
+from propagation.network import address_of_peer
 
 INT32 = "type=google.protobuf.Int32Value&pb=google/protobuf/wrappers.proto"
 # Longer than a loaded machine keeps a service from answering; far shorter than an

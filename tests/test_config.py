@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,20 +10,20 @@ from typing import Any
 import pytest
 
 from agent import AgentArgs
+from propagation.args import parse_args
 from propagation.config import (
     MAX_CONFIG_BYTES,
     ConfigError,
     Entry,
-    arg,
     check_endpoint,
     check_entry,
     find_entry,
-    is_loopback,
-    parse_args,
     read_config,
     role_of,
     script_role,
+    service_name_in,
 )
+from propagation.network import is_loopback
 from storage import StorageArgs
 from supervisor import SupervisorArgs
 
@@ -55,7 +54,7 @@ def test_the_shipped_config_reads() -> None:
     for entry in entries:
         check_entry(entry, entries)
     supervisor = find_entry(entries, "supervisor-1")
-    assert [subscription.service_name for subscription in supervisor.subscriptions] == ["agent-1", "agent-2"]
+    assert [service_name_in(subscription.query) for subscription in supervisor.subscriptions] == ["agent-1", "agent-2"]
     assert supervisor.service_config().subscriptions[0].uri.query == "service_name=agent-1"
 
 
@@ -330,19 +329,3 @@ def test_args_parse_into_their_types() -> None:
     assert args_of(SupervisorArgs, "confidence=0.5").max_in_flight == 8
     storage = args_of(StorageArgs, "max_storage=500", "batch_size=50", "drain_period=2")
     assert (storage.max_storage, storage.batch_size, storage.drain_period) == (500, 50, 2.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class MixedArgs:
-    """Every kind of field parse_args knows."""
-
-    label: str
-    verbose: bool = False
-    count: int = arg(1, 3, default=1)
-
-
-def test_str_and_bool_fields() -> None:
-    assert args_of(MixedArgs, "label=north field", "verbose=yes") == MixedArgs(label="north field", verbose=True)
-    assert args_of(MixedArgs, "label=x", "verbose=False", "count=3") == MixedArgs(label="x", verbose=False, count=3)
-    assert "arg verbose='maybe' is not true or false" in problem(MixedArgs, "label=x", "verbose=maybe")
-    assert "missing arg 'label'" in problem(MixedArgs, "verbose=1")

@@ -52,7 +52,8 @@ from helpers import (
 )
 
 from propagation import wire
-from propagation.config import check_port_free, read_config
+from propagation.config import read_config
+from propagation.network import check_port_free
 from propagation.peers import PeerClient
 from propagation.wire import RESIDUAL_TIME
 

@@ -52,7 +52,7 @@ def test_readme_command_exists_and_parses(command: str) -> None:
         # The real parsing: command line, config file and the service's args.
         module = importlib.import_module(words[1][: -len(".py")])
         argv = [str(ROOT / word) if word.endswith(".json") else word for word in words[2:]]
-        spec = load("README check", getattr(module, SERVICE_SCRIPTS[words[1]]), argv, check_port=False)
+        spec = load("README check", getattr(module, SERVICE_SCRIPTS[words[1]]), argv, script=words[1])
         assert spec.entry.name == words[-1]
     else:
         pytest.fail(f"the README shows a command this test does not know how to check: {command}")

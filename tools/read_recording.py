@@ -34,7 +34,7 @@ from google.protobuf.message import DecodeError, Message
 
 from propagation.cli import run_cli
 from propagation.config import ConfigError, service_name_in
-from propagation.serving import MAX_MESSAGE_BYTES
+from propagation.network import MAX_MESSAGE_BYTES
 from propagation.wire import PUBLISHED, WrongMessage, decode
 from tools.figures import received_at, sent_at
 

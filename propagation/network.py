@@ -1,0 +1,173 @@
+"""What a service needs to know of the network, decided in one place.
+
+- ``check_host``: a host as gRPC reads it (Python's resolver takes more than gRPC's);
+- ``is_loopback``: whether a host is this machine's loopback only: a peer there is never
+  behind a thin link, and a server there serves this machine alone;
+- ``check_port_free``: the bind a server will do, tried first, to name a problem in a line;
+- ``grpc_address``, ``addresses_of``, ``address_of_peer``: addresses as gRPC writes them;
+- ``MAX_MESSAGE_BYTES``: every message of this contract is well under a kilobyte.
+
+Each check raises ``ValueError`` with a line that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import re
+import socket
+import urllib.parse
+from typing import Iterable
+
+# gRPC's default is 4 MiB.
+MAX_MESSAGE_BYTES = 64 * 1024
+
+# Host names as gRPC resolves them: labels of 1 to 63 characters, no dot at the end.
+MAX_HOST = 253
+LABEL = re.compile(r"[A-Za-z0-9_-]{1,63}")
+# A label that reads as a number (or as hex, "0x7f"): the host is then an IPv4 address,
+# which gRPC reads as four decimal numbers only.
+NUMERIC_LABEL = re.compile(r"[0-9]+|0[xX][0-9A-Fa-f]*")
+DECIMAL_BYTE = re.compile(r"0|[1-9][0-9]{0,2}")
+SCOPE = re.compile(r"[A-Za-z0-9_.-]+")
+# gRPC reads "unix:7010" as the unix socket "7010", whatever the case: a target that
+# starts with the name of one of its resolvers is a URI of that scheme, not host:port.
+GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
+
+
+def check_host(where: str, host: str, port: int) -> None:
+    """Checks that gRPC reads ``host:port`` as this host and port, and resolves it as Python does.
+
+    Python's resolver is more lenient than gRPC's: it takes ``127.1``, ``2130706433`` and
+    ``0x7f000001`` as 127.0.0.1, ``0177.0.0.1`` as 127.0.0.1 where gRPC reads 177.0.0.1,
+    and ``localhost.`` with its final dot. A label that is empty (``agent..lan``) or over
+    63 characters fails in Python with a ``UnicodeError``.
+
+    Raises:
+        ValueError: ``where`` and what gRPC would make of it.
+
+    """
+    if len(host) > MAX_HOST:
+        msg = f"{where}: a host name has at most {MAX_HOST} characters"
+        raise ValueError(msg)
+    if ":" in host:
+        address, percent, scope = host.partition("%")
+        try:
+            ipaddress.IPv6Address(address)
+        except ValueError:
+            msg = f"{where}: not a host name, and not an IPv6 address"
+            raise ValueError(msg) from None
+        if percent and not SCOPE.fullmatch(scope):
+            msg = f"{where}: an IPv6 address's scope (after %) is an interface name or number"
+            raise ValueError(msg)
+        return
+    labels = (host[:-1] if host.endswith(".") else host).split(".")
+    if "" in labels:
+        msg = f"{where}: it has an empty label (a dot at the start or two in a row)"
+        raise ValueError(msg)
+    wrong = next((label for label in labels if not LABEL.fullmatch(label)), None)
+    if wrong is not None:
+        msg = f"{where}: its label {wrong[:70]!r} is not 1 to 63 letters, digits, '-' or '_'"
+        raise ValueError(msg)
+    if host.endswith("."):
+        msg = f"{where}: gRPC does not resolve a name that ends with a dot; write {host[:-1]!r}"
+        raise ValueError(msg)
+    if NUMERIC_LABEL.fullmatch(labels[-1]) and not (
+        len(labels) == 4 and all(DECIMAL_BYTE.fullmatch(label) and int(label) < 256 for label in labels)
+    ):
+        msg = (
+            f"{where}: not an IPv4 address as gRPC reads it (four numbers 0 to 255, without"
+            " leading zeros, e.g. 127.0.0.1); Python reads short and hex forms, gRPC does not"
+        )
+        raise ValueError(msg)
+    if host.lower() in GRPC_SCHEMES:
+        msg = f"{where}: gRPC reads '{host}:{port}' as a {host.lower()}: address, not as a host and port"
+        raise ValueError(msg)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Tries the bind that gRPC will do, to name the problem in one line.
+
+    gRPC reports a failed bind as a generic error (and a C-level log line); a plain
+    socket tells why.
+
+    Raises:
+        ValueError: the host does not resolve, is not an address of this machine, or
+            the port is in use there.
+
+    """
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        msg = f"host {host!r} does not resolve: {exc.strerror}"
+        raise ValueError(msg) from None
+    except UnicodeError:  # a label that is empty or too long (check_host says which)
+        msg = f"host {host!r} is not a valid host name"
+        raise ValueError(msg) from None
+    for family, kind, proto, _, sockaddr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            # As gRPC does: connections of a stopped server in TIME_WAIT must not
+            # block a restart, while a live listener still does.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(sockaddr)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    msg = f"port {port} on {host} ({sockaddr[0]}) is already in use"
+                elif exc.errno == errno.EADDRNOTAVAIL and family == socket.AF_INET6 and len(infos) > 1:
+                    continue  # no IPv6 here: gRPC binds the IPv4 address alone
+                else:
+                    msg = f"cannot listen on {host}:{port} ({sockaddr[0]}): {exc.strerror}"
+                raise ValueError(msg) from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback only (``localhost``, ``127.0.0.1``, ``::1``).
+
+    A service there is reached from this machine alone: never over a thin link.
+    """
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
+        return False
+    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+
+
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC reads it: an IPv6 address goes in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def address_of_peer(peer: str) -> str:
+    """The IP address in gRPC's name for a peer (``ipv4:10.0.0.2:5000``, ``ipv6:%5B::1%5D:5000``).
+
+    An IPv4 address in IPv6 form (``::ffff:10.0.0.2``) comes back as IPv4; a peer that
+    is not on IP (a unix socket) as the name itself.
+    """
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    return _normal(urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")) or peer
+
+
+def addresses_of(hosts: Iterable[str]) -> set[str]:
+    """The IP addresses the hosts resolve to now; a host that does not resolve adds none."""
+    found: set[str] = set()
+    for host in set(hosts):
+        try:
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError):
+            continue
+        found.update(address for address in (_normal(info[4][0]) for info in infos) if address)
+    return found
+
+
+def _normal(host: str) -> str | None:
+    """An IP address as ``str(ipaddress.ip_address())`` writes it, IPv4 in IPv6 form as IPv4."""
+    try:
+        address = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return None
+    return str(getattr(address, "ipv4_mapped", None) or address)
