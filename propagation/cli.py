@@ -27,8 +27,6 @@ from propagation.config import (
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
 
-__all__ = ["ServiceSpec", "load", "quiet_grpc_core", "report_error", "run", "run_cli"]
-
 ArgsT = TypeVar("ArgsT")
 
 # The signals that stop a service: Ctrl-C, kill, and a terminal that closed.
@@ -149,6 +147,7 @@ def run_cli(body: Callable[[], int | None]) -> int:
 
 
 def quiet_signals() -> None:
+    """Ctrl-C, SIGTERM and SIGHUP end the process at once, quietly, with code 0, from now on."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _exit_quietly)
 

@@ -30,8 +30,6 @@ import threading
 import time
 from typing import IO, Callable
 
-__all__ = ["LogOutput", "Tally", "configure_logging", "read_back_core_log"]
-
 # Lines waiting for the terminal: a few seconds of a service at INFO.
 QUEUE_LINES = 10_000
 # How long the last lines may take on the way out: with the server's 0.5 s grace, a
@@ -194,7 +192,7 @@ class Tally:
 
     ``add(kind)`` from the event loop; each kind is a message template of its own. A line
     for a kind is logged at once when it is new, then at most once per ``interval`` with
-    the number since the last line. ``totals`` has every kind's count since the start.
+    the number since the last line.
     """
 
     def __init__(
@@ -205,12 +203,10 @@ class Tally:
         self._level = level
         self._pending: dict[str, int] = {}
         self._last_line: dict[str, float] = {}
-        self.totals: dict[str, int] = {}
         self._flush: asyncio.TimerHandle | None = None
 
     def add(self, kind: str, count: int = 1) -> None:
         """Counts ``count`` occurrences of ``kind`` (a message like ``"refused %d requests on /x"``)."""
-        self.totals[kind] = self.totals.get(kind, 0) + count
         now = time.monotonic()
         if now - self._last_line.get(kind, -self._interval) >= self._interval:
             self._last_line[kind] = now
@@ -250,6 +246,7 @@ class RepeatFilter(logging.Filter):
         self._tallies: dict[str, Tally] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
+        """Lets a record through, or tallies it and drops it."""
         if record.msg == FARM_NG_DROPPED and isinstance(record.args, tuple) and len(record.args) == 3:
             path = str(record.args[2])
             self._tally(record.name, logging.WARNING).add(

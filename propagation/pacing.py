@@ -15,8 +15,6 @@ import asyncio
 import math
 from typing import AsyncIterator, Callable
 
-__all__ = ["MAX_CATCH_UP_S", "Pacer"]
-
 MAX_CATCH_UP_S = 0.1
 
 

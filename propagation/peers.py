@@ -46,16 +46,6 @@ if TYPE_CHECKING:
     from farm_ng.core.timestamp_pb2 import Timestamp
     from google.protobuf.message import Message
 
-__all__ = [
-    "CALL_TIMEOUT_S",
-    "CHANNEL_OPTIONS",
-    "FRESH_STREAM_OPTIONS",
-    "LIVENESS_S",
-    "PeerClient",
-    "PeerUnavailable",
-    "fresh_stream_options",
-]
-
 # Seconds a call may take before it counts as failed.
 CALL_TIMEOUT_S = 1.0
 # A subscription silent this long is checked: does the peer still answer?
@@ -428,25 +418,20 @@ class PeerClient:
     # Up and down
 
     def _mark_up(self, connection: _Connection) -> None:
-        # What a retired connection says is old news (an old call that ends after a heal,
-        # say): only the current one tells whether the peer is up or down.
-        if connection is self._connection:
-            self.mark_up()
+        """Records that the peer answered on ``connection``; says so if it had been down.
 
-    def _mark_down(self, connection: _Connection, why: str) -> None:
-        if connection is self._connection:
-            self.mark_down(why)
-
-    def mark_up(self) -> None:
-        """Records that the peer answered; says so if it had been down."""
-        if not self._reachable:
-            again = "is back" if self._ever_reached else "is up"
-            self._log.info("%s %s at %s", self.config.name, again, self.server_address)
+        What a retired connection says is old news (an old call that ends after a heal,
+        say): only the current one tells whether the peer is up or down.
+        """
+        if connection is not self._connection or self._reachable:
+            return
+        again = "is back" if self._ever_reached else "is up"
+        self._log.info("%s %s at %s", self.config.name, again, self.server_address)
         self._reachable = self._ever_reached = True
 
-    def mark_down(self, why: str) -> None:
-        """Records a failed call; says so once per outage."""
-        if self._reachable is False:
+    def _mark_down(self, connection: _Connection, why: str) -> None:
+        """Records a failed call on ``connection``; says so once per outage."""
+        if connection is not self._connection or self._reachable is False:
             return
         self._reachable = False
         if self._ever_reached:

@@ -142,7 +142,8 @@ def test_restart_brings_a_service_back_and_gives_up_on_fast_failures(services: S
         os.kill(pid_of(launcher, "storage"), signal.SIGKILL)
         launcher.wait_for(rf"^\[launch\] storage was killed by SIGKILL; restarting it in {delay} s$", start=start)
         launcher.wait_for(r"^\[launch\] storage is serving again$", start=start, timeout=STARTUP_TIMEOUT_S)
-        launcher.wait_for(r"^\[storage\] Storage: \d+/500", start=start)  # propagation resumed
+        launcher.wait_for(r"^\[supervisor-2\] storage is back at ", start=start)  # the next death is news to it
+        launcher.wait_for(r"^\[storage\] Storage: \d+/500", start=len(launcher.lines))  # propagating again
         assert launcher.count(r"^\[launch\] restarting storage \(pid \d+\)$") == attempt
     start = len(launcher.lines)
     os.kill(pid_of(launcher, "storage"), signal.SIGKILL)
