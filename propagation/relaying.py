@@ -197,19 +197,13 @@ def batch_residuals(stored: int, residual: int, items: int) -> list[int]:
 
 
 class Freshness:
-    """Whether a sample is too old to relay, by its delay above the best recently seen.
+    """Whether a sample waited too long on the way to relay (docs/design.md, "freshness").
 
-    The agent stamps a sample when it sends it (its host's monotonic clock); the client
-    stamps it when it arrives (this host's). Across hosts the two clocks differ by an
-    unknown offset, so the delay itself means nothing; the smallest delay of the last
-    ``WINDOW_S`` is the offset plus the link's best transit time. A sample whose delay
-    exceeds that by ``MAX_AGE_S`` waited that long in some buffer on the way (a thin link):
-    the residual it would bring back would be stale. The window is long, so that a link
-    that stays slow does not become the reference; it starts again when the agent does
-    (its sequence numbers start again, and its clock may have).
-
-    An agent on loopback is never judged (``applies=False``): no link there holds samples
-    back, and a stall of this machine's processes is not what the bound is for.
+    Its delay (arrival on this host's clock minus sending on the agent's) is compared with
+    the smallest of the last ``WINDOW_S``: the clocks' offset cancels, and what is left is
+    how long it waited in some buffer. The reference starts again with a new agent process
+    (its sequence numbers start again). An agent on loopback is never judged
+    (``applies=False``): a stall of this machine is not a thin link.
     """
 
     MAX_AGE_S = 0.6

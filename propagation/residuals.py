@@ -1,23 +1,11 @@
-"""When an agent publishes: one rule, made of states re-asserted on a period.
+"""When an agent publishes: one rule, made of levels re-asserted on a period.
 
-An agent publishes while the residual it last applied is above 0. The residual and the
-agent's pause are levels, each re-asserted by its source, so that a message lost, late or
-overtaken is repaired by the next period without a special case:
-
-- storage publishes its residual on ``/residual`` (latched) after each drain and at least
-  every ``P = max(drain_period, 0.5 s)``, stamped when it is published (``ResidualClock``);
-- an agent publishes whether it is paused on ``/pauses`` (latched) at each change and every
-  second;
-- a supervisor forwards each ``/residual`` above 0 to every agent of its own that it can
-  reach and that may be paused: its last ``/pauses`` said so, or it has said nothing yet
-  (``PauseView``); an agent that publishes nothing on ``/pauses`` (farm-ng's original) is
-  judged by the last residual delivered to it;
-- an agent applies a residual unless it applied a newer one of storage in the last
-  ``ResidualFilter.WINDOW_S`` (``ResidualFilter``).
-
-So whenever storage has had room for ``resume_bound(drain_period) = 2 P + 1 s``, every
-agent that a supervisor can reach is publishing, whatever was lost, delayed, reordered or
-restarted before (docs/design.md gives the argument; tests/test_liveness.py checks it).
+Storage re-asserts its residual (``DrainTicks``, ``ResidualClock``), each agent whether it is
+paused, and a supervisor forwards storage's room to each agent that may be paused
+(``Outbox``, ``PauseView``); an agent applies the newest residual (``ResidualFilter``). So
+an agent resumes within ``resume_bound(drain_period)`` of storage having room, whatever was
+lost, delayed, reordered or restarted before: docs/design.md states the rule and the
+argument, tests/test_liveness.py checks it.
 """
 
 from __future__ import annotations
@@ -57,13 +45,8 @@ def resume_bound(drain_period: float) -> float:
 class ResidualClock:
     """Storage's stamps on residuals: when each was true, in an order that survives restarts.
 
-    The clock is the host's monotonic clock, named after the host and the incarnation:
-    ``host/monotonic#<start>-<random>``, where ``<start>`` is when this storage started, in
-    nanoseconds of the system clock. Residuals are ordered by incarnation start, then by
-    monotonic time (``order_key``): a newer storage's residuals come after an older one's
-    even when its host rebooted (its monotonic clock starts again near 0), or when storage
-    moved to another host whose system clock agrees with the old one's to within the time
-    the move took.
+    The host's monotonic clock, named ``host/monotonic#<start>-<random>``, where ``<start>``
+    is when this storage started, in nanoseconds of the system clock (``order_key``).
     """
 
     def __init__(self, host_clock: str | None = None, started_ns: int | None = None) -> None:
