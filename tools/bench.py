@@ -492,15 +492,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The command line, checked."""
-    parser = build_parser()
-    cli = parser.parse_args(argv)
-    if cli.runs < 1 or cli.jobs < 1 or (cli.seconds is not None and cli.seconds <= 0):
-        parser.error("--runs and --jobs must be at least 1, --seconds positive")
-    return cli
-
-
 async def run_bench(cli: argparse.Namespace) -> int:
     """Runs the benchmark and prints the table, then the notes; returns the exit code."""
     window_s = cli.seconds or (QUICK_WINDOW_S if cli.quick else DEFAULT_WINDOW_S)
@@ -542,7 +533,10 @@ async def run_until_signal(cli: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the command line and runs the benchmark."""
-    cli = parse_args(argv)
+    parser = build_parser()
+    cli = parser.parse_args(argv)
+    if cli.runs < 1 or cli.jobs < 1 or (cli.seconds is not None and cli.seconds <= 0):
+        parser.error("--runs and --jobs must be at least 1, --seconds positive")
     # The clients' "peer is up" lines are noise here; outages still show.
     logging.getLogger(BENCH_CLIENT).setLevel(logging.WARNING)
     try:

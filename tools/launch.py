@@ -95,10 +95,6 @@ class Service:
         self.served_at = time.monotonic()
         self.ready.set()
 
-    def served_for(self) -> float:
-        """How long its last process served before it ended (0 if it never served)."""
-        return time.monotonic() - self.served_at if self.ready.is_set() else 0.0
-
     def is_running(self) -> bool:
         """Whether its current process is still running."""
         return self.process is not None and not self.ended.done()
@@ -212,8 +208,12 @@ class Launcher:
         """Watches the services until a signal, the monitor's exit or the end of every one."""
         keepers = asyncio.ensure_future(asyncio.gather(*(self.keep(service) for service in self._services)))
         watched: list[asyncio.Future[Any]] = [stopping, keepers]
-        if self._monitor_log is not None:
-            watched.append(await self.start_monitor())
+        if self._monitor_log is not None:  # it takes the terminal
+            self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
+            config = str(Path(self._config_path).resolve())
+            argv = [sys.executable, "-m", "tools.monitor", "--service-config", config]
+            self._monitor = await asyncio.create_subprocess_exec(*argv, cwd=processes.ROOT)
+            watched.append(asyncio.ensure_future(self._monitor.wait()))
         try:
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -240,7 +240,8 @@ class Launcher:
                 self.say(f"{service.death()}; {others}")
                 self.say(f"to start it again: {service.command()} (or use --restart)")
                 return
-            fast_failures = fast_failures + 1 if service.served_for() < FAST_FAILURE_S else 1
+            served_for = time.monotonic() - service.served_at if service.ready.is_set() else 0.0
+            fast_failures = fast_failures + 1 if served_for < FAST_FAILURE_S else 1
             if fast_failures >= MAX_FAST_FAILURES:
                 self.say(
                     f"{service.death()}; it failed {fast_failures} times in a row within {FAST_FAILURE_S:g} s"
@@ -260,15 +261,6 @@ class Launcher:
                 ready.cancel()
             if service.ready.is_set():
                 self.say(f"{service.name} is serving again")
-
-    async def start_monitor(self) -> asyncio.Future[int]:
-        """Runs the monitor in the terminal; returns a future of its exit code."""
-        self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
-        config = str(Path(self._config_path).resolve())
-        self._monitor = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tools.monitor", "--service-config", config, cwd=processes.ROOT
-        )
-        return asyncio.ensure_future(self._monitor.wait())
 
     async def shut_down(self) -> bool:
         """Stops the monitor, then every service still running; says how that went: True if each exited with 0."""
