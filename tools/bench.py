@@ -74,9 +74,8 @@ RELAY_NAMES = (RELAY_AGENT, RELAY_SUPERVISOR, "storage")
 class Row:
     """One row of the table: a label, how to show its numbers, and the numbers of each run.
 
-    ``better`` says, for each number, whether lower (``<``) or higher (``>``) is better,
-    or neither (``.``, an offered load): the last column divides each so that above 1
-    means the defaults do better. A row without ``better`` has one column only.
+    ``better`` says, for each number, whether lower (``<``) or higher (``>``) is better, or
+    neither (``.``, an offered load). A row without ``better`` has one column only.
     """
 
     label: str
@@ -506,8 +505,7 @@ async def run_bench(cli: argparse.Namespace) -> int:
     print("", *table.lines(), "", sep="\n")
     bench_cpu = sum(psutil.Process().cpu_times()[:2])
     print(f"took {time.monotonic() - started:.0f} s; the benchmark itself used {bench_cpu:.1f} CPU s")
-    for line in notes(table, cli.runs, window_s, cli.jobs, cli.quick, [load, os.getloadavg()[0]]):
-        print(line, flush=True)
+    print(*notes(table, cli.runs, window_s, cli.jobs, cli.quick, [load, os.getloadavg()[0]]), sep="\n", flush=True)
     return 0
 
 

@@ -87,16 +87,11 @@ def stop_popens(popens: Sequence[subprocess.Popen[str]]) -> None:
 
 
 def free_ports(count: int, taken: Iterable[int] = ()) -> list[int]:
-    """``count`` different ports that nothing listens on now, none of ``taken`` (handed out, maybe not bound yet).
+    """``count`` different ports nothing listens on now, none of ``taken`` (handed out, maybe not bound yet).
 
-    They lie below the ephemeral range, where the OS takes the local port of every outgoing
-    connection: a port from ``bind(0)`` may be taken before a service binds it. Under
-    pytest-xdist each worker has a share of its own. The probes stay bound until all are
-    chosen, so no port is given twice.
-
-    Raises:
-        OSError: fewer than ``count`` are free.
-
+    Below the ephemeral range, where any outgoing connection may take a port from ``bind(0)``
+    before a service binds it; a share of their own per pytest-xdist worker. The probes stay
+    bound until all are chosen, so no port is given twice. OSError if fewer are free.
     """
     try:
         low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
