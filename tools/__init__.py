@@ -1,4 +1,1 @@
-"""The tools around the three services: launcher, monitor, watcher, recorder, plot, benchmark.
-
-Run each from the repository's top folder as ``python -m tools.<name> --help``.
-"""
+"""The tools around the three services; run each from the repository's top folder: ``python -m tools.<name> --help``."""

@@ -1,17 +1,11 @@
-"""Measures the services: agent rates, propagation latency, the relay ceiling, CPU and memory.
+"""Measures the services: agent rates, propagation latency, the relay ceiling, CPU, memory and stop times.
 
     python -m tools.bench             # one run of 5 s windows, about two and a half minutes
     python -m tools.bench --quick     # 1 s windows, under a minute: rougher figures
-    python -m tools.bench --runs 3    # the median of three runs of every figure (docs/benchmark.md)
+    python -m tools.bench --runs 3    # the median of three runs of every figure
 
-It starts the real scripts as processes on free localhost ports, a system of its own for
-every step (``tools.bench_system``), reads what they publish on ``/stats`` and ``/health``
-and their processes' CPU time and memory, and prints one table, then notes on how to read
-it. Every figure that involves a supervisor is measured twice, one right after the other:
-with the supervisor's defaults (``max_in_flight=8``, batches of up to ``max_batch=32``)
-and as the one-at-a-time design (``max_in_flight=1``, ``max_batch=1``); the last column
-says how many times better the defaults do. A row is a ``Row``, filled by the steps that
-measure it; ``plan`` lists the steps.
+What it measures and how to read its table: docs/benchmark.md. Each step runs a system of
+its own (``tools.bench_system``) and fills ``Row`` objects of the ``Table``; ``plan`` lists the steps.
 """
 
 from __future__ import annotations
@@ -22,7 +16,6 @@ import argparse
 import asyncio
 import dataclasses
 import functools
-import itertools
 import logging
 import math
 import os
@@ -32,7 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -40,8 +33,6 @@ from typing import Any, Callable, Sequence
 # threads busy, can abort a process ("Check failed" in thd.h). The children exec at
 # once and need none. Read by gRPC when it is first imported, hence before it.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-# Its core's INFO lines ("Got goaway") each time a step's services stop: noise.
-os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 import psutil
@@ -83,9 +74,8 @@ RELAY_NAMES = (RELAY_AGENT, RELAY_SUPERVISOR, "storage")
 class Row:
     """One row of the table: a label, how to show its numbers, and the numbers of each run.
 
-    ``better`` says, for each number, whether lower (``<``) or higher (``>``) is better,
-    or neither (``.``, an offered load): the last column divides each so that above 1
-    means the defaults do better. A row without ``better`` has one column only.
+    ``better`` says, for each number, whether lower (``<``) or higher (``>``) is better, or
+    neither (``.``, an offered load). A row without ``better`` has one column only.
     """
 
     label: str
@@ -132,72 +122,71 @@ def times_better(kind: str, own: float, other: float) -> str:
 
 
 class Table:
-    """Every row, each filled by the steps that measure it."""
+    """Every row, in the order made, each filled by the steps that measure it."""
 
     def __init__(self) -> None:
-        def tasks(count: int) -> str:
-            return "1 task" if count == 1 else f"{count} tasks"
-
+        self._rows: list[Row] = []
         latency, two, three = "latency ms p50 / p90 / p99", "{:.2f} / {:.2f} / {:.2f}", "{:.0f} / {:.0f} / {:.0f}"
         self.rates = {
-            (rate, count): Row(f"agent rate, achieved/configured: {rate:g} Hz x {tasks(count)}", "{:.3f} ±{:.3f}")
+            (rate, count): self.row(
+                f"agent rate, achieved/configured: {rate:g} Hz x {count} task{'s' if count > 1 else ''}",
+                "{:.3f} ±{:.3f}",
+            )
             for rate, count in RATE_STEPS
         }
         rate, count = next(step for step in RATE_STEPS if step[1] > 1)
-        self.duplicates = Row(
+        self.duplicates = self.row(
             f"duplicate sequence numbers on /sample, {rate:g} Hz x {count} tasks: duplicates / received",
             "{:.0f} / {:.0f}",
         )
         # By agent at the default config, or by agent-3's rate.
         self.latency: dict[str | int, Row] = {
-            agent: Row(f"{latency}, default config, {agent}", two, "<<<") for agent in ("agent-1", "agent-2", "agent-3")
+            agent: self.row(f"{latency}, default config, {agent}", two, "<<<")
+            for agent in ("agent-1", "agent-2", "agent-3")
         }
-        self.latency.update({rate: Row(f"{latency}, agent-3 at {rate:g} Hz", two, "<<<") for rate in LATENCY_RATES})
-        self.unstored = Row(
+        self.latency.update(
+            {rate: self.row(f"{latency}, agent-3 at {rate:g} Hz", two, "<<<") for rate in LATENCY_RATES}
+        )
+        self.unstored = self.row(
             f"agent-3 at {UNSTORED_RATE} Hz: unstored/s (dropped + not stored + refused + agent queue) / relayable/s",
             "{:.0f} / {:.0f}",
             "<.",
         )
         self.relay = {
-            rate: Row(f"relay at {rate:g}/s offered: published / stored / lost per s", three, ".><")
+            rate: self.row(f"relay at {rate:g}/s offered: published / stored / lost per s", three, ".><")
             for rate in CEILING_RATES
         }
-        self.ceiling = Row("relay ceiling: best stored/s over the steps", "{:.0f}", ">")
+        self.ceiling = self.row("relay ceiling: best stored/s over the steps", "{:.0f}", ">")
         self.cpu = {
-            level: Row(
+            level: self.row(
                 f"CPU s per 1000 relayed at {CPU_RATE}/s, {level}: agent / supervisor / storage",
                 "{:.3f} / {:.3f} / {:.3f}",
                 "<<<",
             )
             for level in ("WARNING", "INFO")
         }
-        self.floor = Row(
+        self.floor = self.row(
             "floor, CPU ms: one bare farm-ng-core requestReply (client + server) / one subscribed event (both ends)",
             "{:.3f} / {:.3f}",
         )
-        self.in_floors = Row(
+        self.in_floors = self.row(
             f"CPU per relay at {CPU_RATE}/s, WARNING, in floors: agent / supervisor / storage / all",
             "{:.2f} / {:.2f} / {:.2f} / {:.2f}",
             "<<<<",
         )
-        self.rss = Row("RSS MB after the ceiling steps: agent / supervisor / storage", three, "<<<")
-        self.stop = Row("stop after SIGTERM, ms, slowest of every step's services: agent / supervisor / storage", three)
+        self.rss = self.row("RSS MB after the ceiling steps: agent / supervisor / storage", three, "<<<")
+        self.stop = self.row(
+            "stop after SIGTERM, ms, slowest of every step's services: agent / supervisor / storage", three
+        )
+
+    def row(self, label: str, form: str, better: str = "") -> Row:
+        """A new row, after those made before."""
+        self._rows.append(Row(label, form, better))
+        return self._rows[-1]
 
     def rows(self) -> list[Row]:
         """Every row, in order."""
-        return [
-            *self.rates.values(),
-            self.duplicates,
-            *self.latency.values(),
-            self.unstored,
-            *self.relay.values(),
-            self.ceiling,
-            *self.cpu.values(),
-            self.floor,
-            self.in_floors,
-            self.rss,
-            self.stop,
-        ]
+        return list(self._rows)
 
     def lines(self) -> list[str]:
         """The rows as a markdown table."""
@@ -309,7 +298,8 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
 
     def latency(window: Window, _: SequenceCounter | None, in_flight: int, rate: int | None) -> None:
         for agent in ("agent-1", "agent-2", "agent-3") if rate is None else ("agent-3",):
-            table.latency[agent if rate is None else rate].add(in_flight, *latencies(window, agent))
+            latencies = (window.figure(agent, f"latency_p{p}_ms") for p in (50, 90, 99))  # over its last 5 s
+            table.latency[agent if rate is None else rate].add(in_flight, *latencies)
         if rate == UNSTORED_RATE:
             table.unstored.add(in_flight, *unstored(window, "supervisor-2", "agent-3"))
 
@@ -320,7 +310,8 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
             table.duplicates.add(in_flight, counter.duplicates, counter.received)
         if tasks == 1 and rate in CEILING_RATES:
             lost, _ = unstored(window, RELAY_SUPERVISOR, RELAY_AGENT)
-            published, stored = (window.per_second(name, key) for name, key in RELAYED)
+            published = window.per_second(RELAY_AGENT, "published")
+            stored = window.per_second(RELAY_SUPERVISOR, "stored")
             table.relay[rate].add(in_flight, published, stored, lost)
         if tasks == 1 and rate == CPU_RATE:
             table.cpu["WARNING"].add(in_flight, *cpu_per_thousand(window))
@@ -339,7 +330,9 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
     steps = []
     for rate in (None, *LATENCY_RATES):
         what = "default config" if rate is None else f"default config, agent-3 at {rate:g} Hz"
-        steps += both(what, lambda n, rate=rate: default_entries(n, rate), functools.partial(latency, rate=rate))
+        steps += both(
+            what, functools.partial(default_entries, agent_3_rate=rate), functools.partial(latency, rate=rate)
+        )
     if quick:
         entries, counted = [storage_entry("WARNING")], ""
         for number, (rate, tasks) in enumerate(OWN_RATE_STEPS, 1):
@@ -350,27 +343,15 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
         steps.append(Step(f"agents at {rates}, side by side", entries, side_by_side, counted))
     else:
         for rate, tasks in OWN_RATE_STEPS:
+            entries = relay_entries(IN_FLIGHT[0], "WARNING", rate, tasks)
             fill = functools.partial(relay, in_flight=IN_FLIGHT[0], rate=rate, tasks=tasks)
-            steps.append(
-                Step(
-                    f"agent at {rate:g} Hz x {tasks}",
-                    relay_entries(IN_FLIGHT[0], "WARNING", rate, tasks),
-                    fill,
-                    RELAY_AGENT if tasks > 1 else None,
-                )
-            )
+            steps.append(Step(f"agent at {rate:g} Hz x {tasks}", entries, fill, RELAY_AGENT if tasks > 1 else None))
     for rate in CEILING_RATES:
-        steps += both(
-            f"relay at {rate:g}/s",
-            lambda n, rate=rate: relay_entries(n, "WARNING", rate),
-            functools.partial(relay, rate=rate),
-        )
-    steps += both(f"relay at {CPU_RATE}/s at INFO", lambda n: relay_entries(n, "INFO", CPU_RATE), info)
+        relaying = functools.partial(relay_entries, log_level="WARNING", rate=rate)
+        steps += both(f"relay at {rate:g}/s", relaying, functools.partial(relay, rate=rate))
+    relaying = functools.partial(relay_entries, log_level="INFO", rate=CPU_RATE)
+    steps += both(f"relay at {CPU_RATE}/s at INFO", relaying, info)
     return steps
-
-
-# Published by the agent, stored by the supervisor, of a relay step.
-RELAYED = ((RELAY_AGENT, "published"), (RELAY_SUPERVISOR, "stored"))
 
 
 def both(what: str, entries: Callable[[int], list[dict[str, Any]]], fill: Callable[..., None]) -> list[Step]:
@@ -379,25 +360,12 @@ def both(what: str, entries: Callable[[int], list[dict[str, Any]]], fill: Callab
 
 
 def achieved(window: Window, agent: str, configured: float) -> tuple[float, float]:
-    """An agent's samples/s over its configured rate, and the resolution of that over this window.
-
-    Counters are whole samples: a window of 0.9 s at 10 samples/s holds 9 of them, give or
-    take one, so the figure is good to about 1/9 either way.
-    """
+    """An agent's samples/s over its configured rate, and its resolution: one whole sample in the window."""
     return window.per_second(agent, "published") / configured, 1 / (configured * window.seconds())
 
 
-def latencies(window: Window, agent: str) -> tuple[float, ...]:
-    """An agent's propagation latency percentiles (over its last 5 s)."""
-    return tuple(window.figure(agent, f"latency_p{p}_ms") for p in (50, 90, 99))
-
-
 def unstored(window: Window, supervisor: str, agent: str) -> tuple[float, float]:
-    """Samples above confidence that were not stored, per s, and all above confidence per s.
-
-    Counts the supervisor's dropped, not stored, unconfirmed and refused ones, and those the agent's
-    server dropped because the supervisor's subscription queue was full.
-    """
+    """Samples above confidence not stored per s (by the supervisor, or dropped by the agent's server), and all."""
     lost = window.per_second(supervisor, "dropped", "not_stored", "unconfirmed", "refused")
     queue_lost = window.health_per_second(agent, "/sample/dropped")
     relayable = window.per_second(supervisor, "received") - window.per_second(supervisor, "below_confidence")
@@ -417,7 +385,6 @@ class Runner:
         self._directory = directory
         self._window_s = window_s
         self._slots = asyncio.Semaphore(jobs)  # 1, but for the test suite's quick check
-        self._steps = itertools.count(1)
         self._ports: set[int] = set()
         self._stopping: list[asyncio.Future[list[Service]]] = []
         self.stop_times: dict[str, list[float]] = {}  # by role; inf for one killed after its stop timeout
@@ -426,7 +393,7 @@ class Runner:
         """Runs one step when a slot is free, saying which (on stderr: the table is on stdout)."""
         async with self._slots:
             print(f"[{number}/{total}] {step.what}", file=sys.stderr, flush=True)
-            system = System(self._directory / f"step-{next(self._steps)}.json", step.entries, self._ports)
+            system = System(self._directory / f"step-{number}.json", step.entries, self._ports)
             counter = None
             try:
                 await system.start()
@@ -465,10 +432,7 @@ async def run_once(table: Table, directory: Path, window_s: float, jobs: int, qu
     finally:
         for task in running:  # after a failure, the others end too
             task.cancel()
-        await asyncio.wait(running)
-        for task in running:
-            if not task.cancelled():
-                task.exception()  # seen: no "exception never retrieved" warning
+        await asyncio.gather(*running, return_exceptions=True)
         await runner.finish_stopping()
     table.finish_run(runner.stop_times)
 
@@ -484,7 +448,7 @@ def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, load
         f"machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()};"
         f" load average at start {loads[0]:.2f}, at end {loads[1]:.2f}",
         f"python {platform.python_version()}, grpcio {grpc.__version__},"
-        f" farm-ng-core {package_version('farm-ng-core')}, protobuf {package_version('protobuf')}",
+        f" farm-ng-core {version('farm-ng-core')}, protobuf {version('protobuf')}",
         f"{runs} run(s), medians shown; each step's figures over one interval of about {window_s:g} s, the same for",
         "  all its services (each counter read between its service's /stats, once a second, around the ends).",
         "default is x better: above x1 the default does better than one at a time (lower latency, CPU, memory,",
@@ -513,14 +477,6 @@ def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, load
     return lines + [f"check: {line}" for line in checks]
 
 
-def package_version(name: str) -> str:
-    """An installed package's version, or ``?``."""
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line."""
     parser = argparse.ArgumentParser(
@@ -533,15 +489,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--jobs", type=int, default=1, help=argparse.SUPPRESS)
     return parser
-
-
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    """The command line, checked."""
-    parser = build_parser()
-    cli = parser.parse_args(argv)
-    if cli.runs < 1 or cli.jobs < 1 or (cli.seconds is not None and cli.seconds <= 0):
-        parser.error("--runs and --jobs must be at least 1, --seconds positive")
-    return cli
 
 
 async def run_bench(cli: argparse.Namespace) -> int:
@@ -558,8 +505,7 @@ async def run_bench(cli: argparse.Namespace) -> int:
     print("", *table.lines(), "", sep="\n")
     bench_cpu = sum(psutil.Process().cpu_times()[:2])
     print(f"took {time.monotonic() - started:.0f} s; the benchmark itself used {bench_cpu:.1f} CPU s")
-    for line in notes(table, cli.runs, window_s, cli.jobs, cli.quick, [load, os.getloadavg()[0]]):
-        print(line, flush=True)
+    print(*notes(table, cli.runs, window_s, cli.jobs, cli.quick, [load, os.getloadavg()[0]]), sep="\n", flush=True)
     return 0
 
 
@@ -585,7 +531,10 @@ async def run_until_signal(cli: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parses the command line and runs the benchmark."""
-    cli = parse_args(argv)
+    parser = build_parser()
+    cli = parser.parse_args(argv)
+    if cli.runs < 1 or cli.jobs < 1 or (cli.seconds is not None and cli.seconds <= 0):
+        parser.error("--runs and --jobs must be at least 1, --seconds positive")
     # The clients' "peer is up" lines are noise here; outages still show.
     logging.getLogger(BENCH_CLIENT).setLevel(logging.WARNING)
     try:

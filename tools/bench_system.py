@@ -1,11 +1,6 @@
-"""The benchmark's system under test, its measurement window, and the floor it is compared with.
+"""The benchmark's system under test (``Service``, ``System``), its measurement ``Window``, and the ``floor``.
 
-- ``Service``: one service's process (started by ``tools.processes``), what it publishes
-  on ``/stats`` and ``/health`` as it comes, and its process's CPU time and memory at each.
-- ``System``: the services of one config on free ports, started together and stopped together.
-- ``measure`` and ``Window``: one interval, the same for every service of a system, over
-  which each counter's growth is read (see ``Window``).
-- ``floor``: the CPU of one bare farm-ng-core ``requestReply`` and of one subscribed event.
+How a window is measured, and what the floor is: docs/benchmark.md.
 """
 
 from __future__ import annotations
@@ -79,9 +74,7 @@ class Service:
 
     @classmethod
     async def start(cls, config_path: Path, entry: Entry) -> Service:
-        """Starts the entry's script and waits for its first ``/stats``: it serves.
-
-        (Its "serving on" line would say so too, but one at WARNING does not print it.)
+        """Starts the entry's script; serving once its first ``/stats`` comes (at WARNING it prints no "serving on").
 
         Raises:
             BenchError: it exited, or published nothing within ``READY_TIMEOUT_S``.
@@ -159,11 +152,9 @@ class Service:
 
 
 class System:
-    """The services of one config, on free ports, started together and stopped together.
+    """The services of one config, on free ports (none twice: systems run side by side), started and stopped together.
 
-    Each measurement gets a system of its own: fresh processes start every step from the
-    same state. Ports are picked below the ephemeral range (``tools.processes``), none
-    twice in one benchmark: systems start side by side.
+    Each step gets a system of its own: fresh processes start every step from the same state.
     """
 
     def __init__(self, path: Path, entries: list[dict[str, Any]], given_ports: set[int]) -> None:
@@ -174,13 +165,9 @@ class System:
         self.services: dict[str, Service] = {}
 
     async def start(self) -> None:
-        """Starts every service at once (any order works) and waits until all serve.
+        """Starts every service at once (any order works) and waits until all serve, or BenchError.
 
         Those that started are in ``services`` even if this fails or is cancelled: ``stop`` stops them.
-
-        Raises:
-            BenchError: one did not start.
-
         """
         self.path.write_text(json.dumps({"configs": self.entries}, indent=2))
         starting = [asyncio.ensure_future(Service.start(self.path, entry)) for entry in read_config(str(self.path))]
@@ -204,11 +191,8 @@ class System:
 class Window:
     """One measurement interval, common to every service, and each service's figures around it.
 
-    Each service publishes ``/stats`` (and ``/health``) on its own beat, once a second, so
-    no two services' snapshots share a moment. A counter's value at either end of the
-    interval is read between its service's two snapshots around that moment, as if it grew
-    evenly in between: every figure of a row then covers the same interval (stored and
-    published of one relay step included), not windows up to a second apart.
+    A counter's value at either end is read between its service's two snapshots around that
+    moment, as if it grew evenly in between (docs/benchmark.md).
     """
 
     opens: float  # the services' monotonic clock (one host)
@@ -220,24 +204,22 @@ class Window:
         """The length of the interval."""
         return self.closes - self.opens
 
-    def grown(self, snapshots: Sequence[Snapshot], value: Callable[[Snapshot], float], slack: float = 0.0) -> float:
-        """How much ``value`` of the snapshots grew over the interval."""
+    def rate(self, snapshots: Sequence[Snapshot], value: Callable[[Snapshot], float], slack: float = 0.0) -> float:
+        """How fast ``value`` of the snapshots grew over the interval, per second."""
         points = [(shot.stamp, value(shot)) for shot in snapshots]
-        return at(points, self.closes, slack) - at(points, self.opens, slack)
+        return (at(points, self.closes, slack) - at(points, self.opens, slack)) / self.seconds()
 
     def per_second(self, name: str, *keys: str) -> float:
         """How fast the sum of ``name``'s ``/stats`` counters ``keys`` grew (NaN if one is not a number)."""
-        grown = sum(self.grown(self.stats[name], functools.partial(counter, key=key)) for key in keys)
-        return grown / self.seconds()
+        return sum(self.rate(self.stats[name], functools.partial(counter, key=key)) for key in keys)
 
     def health_per_second(self, name: str, key: str) -> float:
         """How fast one of ``name``'s ``/health`` counters grew."""
-        grown = self.grown(self.health[name], functools.partial(counter, key=key), HEALTH_SLACK_S)
-        return grown / self.seconds()
+        return self.rate(self.health[name], functools.partial(counter, key=key), HEALTH_SLACK_S)
 
     def cpu_share(self, name: str) -> float:
         """CPU seconds ``name``'s process used per second of the interval."""
-        return self.grown(self.stats[name], lambda shot: shot.cpu_s) / self.seconds()
+        return self.rate(self.stats[name], lambda shot: shot.cpu_s)
 
     def end(self, name: str) -> Snapshot:
         """``name``'s first ``/stats`` at or after the interval closed."""
@@ -256,10 +238,9 @@ def counter(snapshot: Snapshot, key: str) -> float:
 
 
 def at(points: Sequence[tuple[float, float]], moment: float, slack: float = 0.0) -> float:
-    """A value at ``moment``, read on the line between the two ``(stamp, value)`` points around it.
+    """A value at ``moment``, on the line between the ``(stamp, value)`` points around it.
 
-    Some ``points`` are at or before ``moment``; some at or after it, or else the last
-    one is at most ``slack`` before it and stands for it.
+    With none after it, the last one stands for it if it is at most ``slack`` before.
     """
     before = max((point for point in points if point[0] <= moment), key=lambda point: point[0])
     after = min((point for point in points if point[0] >= moment), key=lambda point: point[0], default=None)
@@ -274,14 +255,11 @@ def at(points: Sequence[tuple[float, float]], moment: float, slack: float = 0.0)
 
 
 async def measure(system: System, window_s: float) -> Window:
-    """Measures every service of ``system`` over about ``window_s``, once samples flow.
+    """Measures every service of ``system`` over a little less than ``window_s``, once samples flow through all.
 
-    The interval opens when the last service to show samples going through it (in its
-    ``/stats``) does so, or, if later, when the first ``/health`` the benchmark heard of a
-    service was sent (it is not latched: its subscription may come late on a busy
-    machine). It closes at the first moment by which every service has sent a ``/stats``
-    about ``window_s`` after that: their beats are a fraction of a second apart, so the
-    interval is a little shorter than ``window_s``, and takes no longer to measure.
+    The interval opens at the later of the last service's first ``/stats`` with samples
+    through it and the first ``/health`` heard of each (not latched: it may come late on a
+    busy machine); it closes once every service has sent a ``/stats`` about ``window_s`` later.
     """
     services = list(system.services.values())
     for service in services:
@@ -313,13 +291,9 @@ def is_flowing(snapshot: Snapshot) -> bool:
 
 
 async def floor(seconds: float) -> tuple[float, float]:
-    """CPU ms of one bare farm-ng-core ``requestReply`` and of one subscribed event, both ends counted.
+    """CPU ms of one bare farm-ng-core ``requestReply`` and of one subscribed event, both ends in this process.
 
-    The least a relay could cost with farm-ng-core: an ``EventServiceGrpc`` with a handler
-    that replies at once, and its generated stub on one long-lived channel, calling one
-    at a time; then ``publish`` and a subscriber reading each event before the next. Both
-    ends run in this process, alone (no step runs beside it): its CPU time per call or
-    event is the floor.
+    Measured alone, no step beside it (docs/benchmark.md says how).
     """
     port = processes.free_ports(1)[0]
     server = grpc.aio.server()

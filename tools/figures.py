@@ -1,10 +1,7 @@
 """What the tools read off the services' events: when each was sent, and ``/stats`` figures checked before use.
 
-A ``/stats`` is a ``Struct`` a service fills: the tools read it as the services of this
-example fill it, but take nothing for granted, since anyone can publish one. A figure
-that should be a number and is not (a string, NaN, infinity, a list) reads as NaN, which
-every sum and rate carries through and the tools show as ``invalid``; a figure that is
-absent reads as None, shown as ``-``.
+Anyone can publish a ``/stats``: a figure that is not a number reads as NaN, which every sum
+and rate carries through and the tools show as ``invalid``; one that is absent reads as None, shown as ``-``.
 """
 
 from __future__ import annotations

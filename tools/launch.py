@@ -2,27 +2,10 @@
 
     python -m tools.launch [--service-config service_config.json] [--restart] [--monitor [LOG]]
 
-(``./run.sh`` runs it in ``.venv``.) Storage starts first, then the supervisors, then the
-agents; each is started once the one before says it serves (its ``<name> serving on``
-line; one that logs above INFO does not print it, and is ready when its own process
-listens on its port). Every line a service prints comes out prefixed with its name
-(``[storage] Storage: 37/500 (463 remaining)``).
-
-- A service that exits before it serves (bad config, port in use) stops the launch: the
-  launcher says why, in one line with the cause the service printed, stops the others and
-  exits 1. It notices the exit at once, also while others are starting.
-- A service that dies later leaves the others running: the launcher says so, and you may
-  start it again by hand. With ``--restart`` the launcher starts it again after a short
-  backoff (1 s, then 2 s, 4 s while it keeps failing fast), and gives up on it after
-  ``MAX_FAST_FAILURES`` deaths in a row within ``FAST_FAILURE_S`` of serving.
-- The launcher ends on Ctrl-C, SIGTERM or SIGHUP (or q in the monitor), and when every
-  service is gone for good. Exit code 0: every service ran until then and stopped cleanly;
-  1: one could not start, died, or did not stop within ``STOP_TIMEOUT_S`` of SIGTERM (the
-  code says so even when a stalled terminal swallowed the line); 2: a bad command line.
-
-Output goes through a bounded queue to a writer thread: if the terminal stalls (``| less``,
-Ctrl-S), lines are dropped and counted, and the launcher keeps reading every service's
-output, so that no service ever waits on a full pipe.
+``./run.sh`` runs it in ``.venv``. What it prints, when it ends and its exit code: the
+README's Quick start and "Restarts and outages". Its output goes through a bounded queue to
+a writer thread: when the terminal stalls (``| less``, Ctrl-S) lines are dropped and
+counted, and it keeps reading every service's output, so that no service waits on a full pipe.
 """
 
 from __future__ import annotations
@@ -46,7 +29,7 @@ from propagation.logs import LogOutput
 from tools import processes
 
 # A service that dies this soon after it began to serve (or before) failed fast; after
-# this many fast failures in a row --restart gives up on it.
+# this many fast failures in a row --restart gives up on it. Restarts wait 1 s, 2 s, 4 s.
 FAST_FAILURE_S = 10.0
 MAX_FAST_FAILURES = 3
 RESTART_DELAY_S = 1.0
@@ -70,7 +53,7 @@ class Service:
         self._listening: asyncio.Future[None] | None = None
 
     def command(self) -> str:
-        """The command line that starts it, as one types it in the repo's folder."""
+        """The command line that starts it, as typed in the repo's folder."""
         return f"python {Path(self.argv[1]).name} {' '.join(self.argv[2:])}"
 
     async def start(self) -> None:
@@ -112,10 +95,6 @@ class Service:
         self.served_at = time.monotonic()
         self.ready.set()
 
-    def served_for(self) -> float:
-        """How long its last process served before it ended (0 if it never served)."""
-        return time.monotonic() - self.served_at if self.ready.is_set() else 0.0
-
     def is_running(self) -> bool:
         """Whether its current process is still running."""
         return self.process is not None and not self.ended.done()
@@ -123,8 +102,13 @@ class Service:
     def death(self) -> str:
         """``storage exited with code 1 before serving: port 7010 ... in use; is another ./run.sh running?``."""
         assert self.process is not None
-        line = f"{self.name} {processes.exit_cause(self.process.returncode)}"
-        line += "" if self.ready.is_set() else " before serving"
+        code = self.process.returncode
+        if code is not None and code < 0:
+            line = f"{self.name} was killed by {signal.Signals(-code).name}"
+        else:
+            line = f"{self.name} exited with code {code}"
+        if not self.ready.is_set():
+            line += " before serving"
         if self.cause:
             line += f": {self.cause}"
         if "already in use" in self.cause:
@@ -133,18 +117,12 @@ class Service:
 
 
 class Launcher:
-    """Starts services in order, keeps them running (restarting them if asked) and stops them together."""
+    """Starts a config's services in order, keeps them running (``restart``: again) and stops them together.
 
-    def __init__(self, config_path: str, monitor_log: str | None = None, restart: bool = False) -> None:
-        """Prepares to launch ``config_path``.
+    With ``monitor_log`` their output goes to that file, and the monitor takes the terminal.
+    """
 
-        Args:
-            config_path: The config whose services to start.
-            monitor_log: If given, the services' output goes to this file and the
-                monitor takes the terminal.
-            restart: Start a service that died again.
-
-        """
+    def __init__(self, config_path: str, monitor_log: str | None, restart: bool) -> None:
         self._config_path = config_path
         self._monitor_log = monitor_log
         self._restart = restart
@@ -189,12 +167,7 @@ class Launcher:
             self._terminal.close()
 
     def plan(self) -> list[Entry]:
-        """The entries to start, in order.
-
-        Raises:
-            ConfigError: the config is unreadable or has nothing to start.
-
-        """
+        """The entries to start, in order; ConfigError if the config is unreadable or has nothing to start."""
         entries = read_config(self._config_path)
         for entry in entries:
             if role_of(entry) is None:
@@ -235,8 +208,12 @@ class Launcher:
         """Watches the services until a signal, the monitor's exit or the end of every one."""
         keepers = asyncio.ensure_future(asyncio.gather(*(self.keep(service) for service in self._services)))
         watched: list[asyncio.Future[Any]] = [stopping, keepers]
-        if self._monitor_log is not None:
-            watched.append(await self.start_monitor())
+        if self._monitor_log is not None:  # it takes the terminal
+            self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
+            config = str(Path(self._config_path).resolve())
+            argv = [sys.executable, "-m", "tools.monitor", "--service-config", config]
+            self._monitor = await asyncio.create_subprocess_exec(*argv, cwd=processes.ROOT)
+            watched.append(asyncio.ensure_future(self._monitor.wait()))
         try:
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -263,7 +240,8 @@ class Launcher:
                 self.say(f"{service.death()}; {others}")
                 self.say(f"to start it again: {service.command()} (or use --restart)")
                 return
-            fast_failures = fast_failures + 1 if service.served_for() < FAST_FAILURE_S else 1
+            served_for = time.monotonic() - service.served_at if service.ready.is_set() else 0.0
+            fast_failures = fast_failures + 1 if served_for < FAST_FAILURE_S else 1
             if fast_failures >= MAX_FAST_FAILURES:
                 self.say(
                     f"{service.death()}; it failed {fast_failures} times in a row within {FAST_FAILURE_S:g} s"
@@ -284,22 +262,8 @@ class Launcher:
             if service.ready.is_set():
                 self.say(f"{service.name} is serving again")
 
-    async def start_monitor(self) -> asyncio.Future[int]:
-        """Runs the monitor in the terminal; returns a future of its exit code."""
-        self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
-        config = str(Path(self._config_path).resolve())
-        self._monitor = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "tools.monitor", "--service-config", config, cwd=processes.ROOT
-        )
-        return asyncio.ensure_future(self._monitor.wait())
-
     async def shut_down(self) -> bool:
-        """Stops the monitor, then every service still running; says how that went.
-
-        Returns:
-            Whether every service it stopped exited with code 0.
-
-        """
+        """Stops the monitor, then every service still running; says how that went: True if each exited with 0."""
         if self._monitor is not None:
             await processes.stop([self._monitor])  # stuck on a stalled terminal, say: killed after the deadline
             if self._monitor_gone:
@@ -311,9 +275,10 @@ class Launcher:
         failed = [service for service in running if service.process is None or service.process.returncode != 0]
         if failed:
             self.say("not stopped cleanly: " + ", ".join(service.death() for service in failed))
+        elif len(running) == len(self._services):
+            self.say(f"stopped all {len(running)} services")
         elif running:
-            every = "" if len(running) == len(self._services) else " still running"
-            self.say(f"stopped {'all' if not every else 'the'} {len(running)} services{every}")
+            self.say(f"stopped the {len(running)} services still running")
         return not failed
 
 
@@ -324,13 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--service-config", default="service_config.json", help="the config to launch")
     parser.add_argument("--restart", action="store_true", help="start a service that died again, after a backoff")
-    parser.add_argument(
-        "--monitor",
-        nargs="?",
-        const="launch.log",
-        metavar="LOG",
-        help="show the live monitor instead of the logs, which go to LOG (default launch.log)",
-    )
+    monitor = "show the live monitor instead of the logs, which go to LOG (default launch.log)"
+    parser.add_argument("--monitor", nargs="?", const="launch.log", metavar="LOG", help=monitor)
     return parser
 
 

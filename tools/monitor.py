@@ -1,16 +1,10 @@
-"""Monitor: a live view of every service of a config, from what they publish.
+"""Monitor: a live view of every service of a config, from the ``/stats`` each publishes once a second.
 
     python -m tools.monitor --service-config service_config.json          # live, in the terminal
     python -m tools.monitor --service-config service_config.json --once   # one plain-text snapshot
 
-It subscribes to every service's ``/stats`` (latched, once a second). Counters only grow,
-so a rate is the difference of two of them over the time between, by the service's own
-send stamps; a count shows its total and its growth over the last minute (``unsent 2
-(+0)``). A service silent for ``DOWN_AFTER_S`` is down; one whose counters started over
-restarted; a figure that is not a number is ``invalid``. It may start before, after or
-without any service. In a terminal q or Ctrl-C quits and ? explains the columns (keys are
-read without Enter; the terminal is put back on the way out), and columns that do not fit
-are left out and named; otherwise it prints a plain-text snapshot every second.
+What it shows and what each column means: the README's "The monitor" (and ? in the live view).
+Without a terminal it prints a plain-text snapshot every second.
 """
 
 from __future__ import annotations
@@ -94,7 +88,9 @@ class ServiceView:
             last = self.history[-1]
             if stats.sequence == last.sequence:
                 return  # the latched one again, after a reconnect
-            if stats.sequence < last.sequence or restarted(last.figures, stats.figures):
+            # A counter that fell: it started over (its first /stats may be missed while reconnecting).
+            fell = any((number(stats.figures, key) or 0) < (number(last.figures, key) or 0) for key in RATE_COUNTERS)
+            if stats.sequence < last.sequence or fell:
                 self.history.clear()
                 self.restarted = (self.heard_at, silent_for)
         self.history.append(stats)
@@ -146,22 +142,8 @@ def clock(wall: float) -> str:
     return time.strftime("%H:%M:%S", time.localtime(wall))
 
 
-def restarted(before: dict[str, Any], after: dict[str, Any]) -> bool:
-    """Whether a counter fell between two ``/stats``: the service started over.
-
-    Its ``/stats`` numbering starts over too, but the monitor may have missed the
-    first ones of the new process while it reconnected.
-    """
-    return any((number(after, key) or 0) < (number(before, key) or 0) for key in RATE_COUNTERS)
-
-
 def views_of(config_path: str) -> list[ServiceView]:
-    """A view for every service of the config that the monitor can watch.
-
-    Raises:
-        ConfigError: the config is bad, or has no service of this example.
-
-    """
+    """A view for every service of the config; ConfigError if it is bad or has no service of this example."""
     views = []
     for entry in read_config(config_path):
         role = role_of(entry)
@@ -183,10 +165,8 @@ async def listen(view: ServiceView) -> None:
             if isinstance(message, Struct):
                 # A latched /stats arrives at once but may be a second old: its send
                 # stamp, not its arrival, says when its counters were true.
-                sent = sent_at(event)
-                view.add(
-                    Stats(event.sequence, time.monotonic() if sent is None else sent, dict(message)), time.monotonic()
-                )
+                sent = sent_at(event) or time.monotonic()
+                view.add(Stats(event.sequence, sent, dict(message)), time.monotonic())
     finally:
         await client.close()
 
@@ -232,10 +212,7 @@ def legend(views: list[ServiceView], look: Look) -> str:
 
 
 def render(views: list[ServiceView], look: Look, now: float, width: int | None = None, explain: bool = False) -> Group:
-    """The whole view: a summary line, the legend, then agents, supervisors and storage.
-
-    Columns that would make a table wider than ``width`` are left out, and named.
-    """
+    """The whole view: a summary line, the legend, then the tables of agents, supervisors and storage."""
     down = [view.name for view in views if not view.is_up(now)]
     summary = f"{time.strftime('%H:%M:%S')}  {len(views)} services, {len(views) - len(down)} up"
     if down:
@@ -266,16 +243,16 @@ def render(views: list[ServiceView], look: Look, now: float, width: int | None =
 def table(
     members: list[ServiceView], role: str, look: Look, now: float, columns: Sequence[Column], width: int | None
 ) -> list[Text]:
-    """The table of one role's services, a row each, and a line naming the columns left out, if any.
+    """The table of one role's services, and a line naming the columns that would make it wider than ``width``.
 
-    Columns are two spaces apart; names and words are aligned left, figures right. A
-    service that is down gets one line, which says since when, in place of its figures.
+    A service that is down gets one line, which says since when, in place of its figures.
     """
     up = [view for view in members if view.is_up(now)]
     columns = [
         column for column in columns if not column.optional or any(column.optional in view.figures for view in up)
     ]
     header = [role, "state", *(column.heading for column in columns)]
+    lefts = [True, True, *(column.left for column in columns)]
     rows = {view.name: [view.name, "up", *(column.cell(view, look) for column in columns)] for view in up}
     widths = [max(len(cells[index]) for cells in [header, *rows.values()]) for index in range(len(header))]
     widths[0] = max(widths[0], *(len(view.name) for view in members))
@@ -284,7 +261,7 @@ def table(
         hidden.insert(0, header.pop())
         widths.pop()
     lines = Text(no_wrap=True, overflow="crop")
-    lines.append(aligned(header, header, widths, columns), style="bold" if look.rule else "")
+    lines.append(aligned(header, widths, lefts), style="bold" if look.rule else "")
     if look.rule:
         lines.append("\n" + look.rule * (sum(widths) + len(GAP) * (len(widths) - 1)))
     for view in members:
@@ -294,19 +271,15 @@ def table(
             lines.append(view.down_for(now), style="bold red")
         else:
             lines.append("up".ljust(widths[1]), style="green")
-            lines.append(GAP + aligned(header[2:], cells[2 : len(header)], widths[2:], columns))
+            lines.append(GAP + aligned(cells[2:], widths[2:], lefts[2:]))
     if not hidden:
         return [lines]
     return [lines, Text(f"(not shown: {', '.join(hidden)}; a wider terminal shows them)", style="dim")]
 
 
-def aligned(header: Sequence[str], cells: Sequence[str], widths: Sequence[int], columns: Sequence[Column]) -> str:
-    """Cells of one line: names and words aligned left, figures right."""
-    left = {column.heading for column in columns if column.left} | {"state", "agent", "supervisor", "storage"}
-    return GAP.join(
-        cell.ljust(width) if heading in left else cell.rjust(width)
-        for heading, cell, width in zip(header, cells, widths)
-    )
+def aligned(cells: Sequence[str], widths: Sequence[int], lefts: Sequence[bool]) -> str:
+    """Cells of one line as far as ``widths`` go, two spaces apart: words aligned left, figures right."""
+    return GAP.join(cell.ljust(width) if left else cell.rjust(width) for cell, width, left in zip(cells, widths, lefts))
 
 
 def per_second(counter: str) -> Callable[[ServiceView, Look], str]:
@@ -315,7 +288,7 @@ def per_second(counter: str) -> Callable[[ServiceView, Look], str]:
 
 
 def count(counter: str) -> Callable[[ServiceView, Look], str]:
-    """The cell of a count: ``2 (0/min)``, the total since the service started and its growth lately."""
+    """The cell of a count: ``2 (+0)``, the total since the service started and its growth lately."""
 
     def cell(view: ServiceView, _: Look) -> str:
         total = number(view.figures, counter)
@@ -327,24 +300,22 @@ def count(counter: str) -> Callable[[ServiceView, Look], str]:
     return cell
 
 
-def configured(view: ServiceView, _: Look) -> str:
-    """``5 Hz x 10``: rate x tasks."""
-    rate, tasks = number(view.figures, "rate"), number(view.figures, "num_tasks")
-    return f"{shown(rate, '{:g}')} Hz x {shown(tasks, '{:g}')}" if rate is not None and tasks is not None else NONE
+def formatted(template: str, form: str, *keys: str) -> Callable[[ServiceView, Look], str]:
+    """The cell of figures shown in ``form`` each, in ``template``: ``5 Hz x 10``; ``-`` while one is unknown."""
+
+    def cell(view: ServiceView, _: Look) -> str:
+        values = [number(view.figures, key) for key in keys]
+        return NONE if None in values else template.format(*(shown(value, form) for value in values))
+
+    return cell
 
 
 def paused(view: ServiceView, _: Look) -> str:
     """``yes`` or ``no``."""
     flag = view.figures.get("paused")
-    return (
-        NONE if flag is None else {True: "yes", False: "no"}.get(flag, INVALID) if isinstance(flag, bool) else INVALID
-    )
-
-
-def latency(view: ServiceView, _: Look) -> str:
-    """``5.4/15.8 ms``, or ``-`` before the agent measured any."""
-    p50, p99 = number(view.figures, "latency_p50_ms"), number(view.figures, "latency_p99_ms")
-    return NONE if p50 is None or p99 is None else f"{shown(p50, '{:.1f}')}/{shown(p99, '{:.1f}')} ms"
+    if flag is None:
+        return NONE
+    return ("yes" if flag else "no") if isinstance(flag, bool) else INVALID
 
 
 def agents(view: ServiceView, _: Look) -> str:
@@ -370,16 +341,20 @@ def fill(view: ServiceView, look: Look) -> str:
 
 TABLES: dict[str, tuple[Column, ...]] = {
     "agent": (
-        Column("configured", "rate x num_tasks, from its args", configured),
+        Column("configured", "rate x num_tasks, from its args", formatted("{} Hz x {}", "{:g}", "rate", "num_tasks")),
         Column("samples/s", "samples it published per second", per_second("published")),
         Column(
             "remainder",
             "the room left in storage it last heard of (- before the first)",
-            lambda view, _: shown(number(view.figures, "remainder")),
+            formatted("{}", "{:.0f}", "remainder"),
         ),
         Column("paused", "whether it waits for room in storage (remainder 0 or less)", paused),
         Column("pauses", "how often it paused", count("pauses")),
-        Column("latency p50/p99", "sample published -> residual back at the agent, over its last 5 s", latency),
+        Column(
+            "latency p50/p99",
+            "sample published -> residual back at the agent, over its last 5 s",
+            formatted("{}/{} ms", "{:.1f}", "latency_p50_ms", "latency_p99_ms"),
+        ),
     ),
     "supervisor": (
         Column("agents", "the agents whose samples it relays", agents, left=True),
@@ -431,12 +406,17 @@ async def monitor(views: list[ServiceView], once: bool) -> None:
         if once:
             await gather_once(views, stop)
             print(plain_text(views, time.monotonic()), flush=True)
-        elif sys.stdout.isatty():
+        elif sys.stdout.isatty():  # redrawn in place, as wide as the terminal
             explain = [False]
-            with keys(stop, explain):
-                await show_live(views, stop, explain)
-        else:
-            await print_every_second(views, stop)
+            console = Console()
+            with keys(stop, explain), Live(console=console, auto_refresh=False) as live:
+                while not stop.is_set():
+                    live.update(render(views, LIVE, time.monotonic(), console.size.width, explain[0]), refresh=True)
+                    await wait_or_stop(stop, REFRESH_S)
+        else:  # a snapshot every second, a blank line between them
+            while not stop.is_set():
+                await wait_or_stop(stop, 1.0)
+                print(plain_text(views, time.monotonic()) + "\n", flush=True)
     finally:
         for listener in listeners:
             listener.cancel()
@@ -444,11 +424,7 @@ async def monitor(views: list[ServiceView], once: bool) -> None:
 
 
 async def gather_once(views: list[ServiceView], stop: asyncio.Event) -> None:
-    """Waits until each service sent ``ONCE_STATS`` ``/stats``, or is silent.
-
-    A service never heard from after ``DOWN_AFTER_S`` is down: no need to wait for it
-    any longer. The whole wait is bounded by ``ONCE_TIMEOUT_S``.
-    """
+    """Waits until each service sent ``ONCE_STATS`` ``/stats`` or was never heard from in ``DOWN_AFTER_S``."""
     started = time.monotonic()
     while not stop.is_set():
         elapsed = time.monotonic() - started
@@ -495,22 +471,6 @@ def keys(stop: asyncio.Event, explain: list[bool]) -> Iterator[None]:
         loop.remove_reader(fd)
         # TCSADRAIN: after what the view wrote, so the last frame is not mangled.
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
-
-
-async def show_live(views: list[ServiceView], stop: asyncio.Event, explain: list[bool]) -> None:
-    """Redraws the tables in place every ``REFRESH_S``, as wide as the terminal."""
-    console = Console()
-    with Live(console=console, auto_refresh=False, transient=False) as live:
-        while not stop.is_set():
-            live.update(render(views, LIVE, time.monotonic(), console.size.width, explain[0]), refresh=True)
-            await wait_or_stop(stop, REFRESH_S)
-
-
-async def print_every_second(views: list[ServiceView], stop: asyncio.Event) -> None:
-    """Prints a plain-text snapshot every second, a blank line between them."""
-    while not stop.is_set():
-        await wait_or_stop(stop, 1.0)
-        print(plain_text(views, time.monotonic()) + "\n", flush=True)
 
 
 async def wait_or_stop(stop: asyncio.Event, seconds: float) -> None:

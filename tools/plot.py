@@ -3,17 +3,9 @@
     python -m tools.plot recordings -o fill.png     # the newest recording there
     python -m tools.plot RECORDING.0000.bin         # writes RECORDING.0000.png
 
-What the services published as it happened (``record_config.json`` records it). The upper
-panel is storage's fill from ``/level`` (published before and after each drain and when
-full, so the line reaches ``max_storage`` at every refusal; without ``/level``, the coarser
-``/stats`` and ``/residual``), with a mark at each pause and resume an agent published on
-``/pauses``. The lower panel is each agent's samples/s, from its ``/sample`` send stamps.
-Time 0 is when the recording started: a latched message (sent before the recorder
-subscribed) is the state at 0, not drawn where it was sent. Plotting prints each agent's
-marks beside its own counters (``agent-1: 7 pauses, 7 resumes (its counters: +7, +7)``)
-and whether the line is at ``max_storage`` wherever storage's ``refused`` grew. All stamps
-are on one monotonic clock: the services and the recorder run on one host. Needs
-matplotlib (requirements-dev.txt); the services do not.
+What it draws and prints: the README's "Watching, recording, plotting". All stamps are on
+one monotonic clock: the services and the recorder run on one host. Needs matplotlib
+(requirements-dev.txt); the services do not.
 """
 
 from __future__ import annotations
@@ -49,11 +41,7 @@ RATE_BIN_S = 0.4
 
 @dataclasses.dataclass(frozen=True)
 class Counters:
-    """An agent's ``pauses`` and ``resumes`` counters as one message carried them.
-
-    ``paused`` is set on a ``/pauses`` message (one transition: a pause if True, a
-    resume if False) and None on a ``/stats``.
-    """
+    """An agent's ``pauses`` and ``resumes`` as one message carried them; ``paused``: None on a ``/stats``."""
 
     sent: float
     pauses: int
@@ -71,10 +59,9 @@ class Counters:
         return self.pauses if self.paused else self.resumes
 
     def is_transition(self) -> bool:
-        """Whether it may carry a transition: a ``/pauses`` after the agent's first pause or resume.
+        """Whether it may carry a transition (a pause, or a resume): a ``/pauses`` after the agent's first one.
 
-        An agent publishes ``/pauses`` at each change and every second; the one it publishes
-        at its start (no pause, no resume yet) is its state, not a change.
+        An agent publishes ``/pauses`` at each change and every second; the one at its start is its state.
         """
         return self.paused is not None and self.number() > 0
 
@@ -103,11 +90,9 @@ class PauseFigures:
 def pause_figures(messages: list[Counters], started: float) -> PauseFigures:
     """An agent's marks and counters over the recording that started at ``started``.
 
-    The counters at the start are those of the last message sent before it (a latched
-    one); without one, those just before the first message. A transition is a mark if
-    its number is above the counters at the start: one that happened before the start
-    (its ``/pauses`` late, or latched) is not. Counters that fall mean the agent
-    restarted: its counts start again from 0.
+    A transition is a mark if its number is above the counters at the start: those of the
+    last message sent before it (latched), else those just before the first message.
+    Counters that fall mean the agent restarted: its counts start again from 0.
     """
     figures = PauseFigures()
     ordered = sorted(messages, key=lambda message: message.sent)
@@ -158,12 +143,9 @@ class Recording:
     invalid: Counter[str] = dataclasses.field(default_factory=Counter)
 
     def add(self, name: str, event: Event, message: Message) -> None:
-        """Takes in one event if it is one the plot shows (``name``: ``agent-1/sample``).
+        """Takes in one event if the plot shows it (``name``: ``agent-1/sample``); one not a number goes to ``invalid``.
 
-        Whose it is comes from what it carries: storage publishes ``/level`` and
-        ``/residual``, an agent ``/sample`` and ``/pauses``; a ``/stats`` with
-        ``max_storage`` is storage's, one with ``pauses`` an agent's. An event whose
-        figures are not numbers is counted in ``invalid`` and left out.
+        A ``/stats`` with ``max_storage`` is storage's, one with ``pauses`` an agent's.
         """
         stamp = sent_at(event)
         if stamp is None:
@@ -200,11 +182,7 @@ class Recording:
                 self.counters[service].append(Counters(stamp, int(values[0]), int(values[1]), transition))
 
     def start(self) -> float:
-        """Time 0 of the plot: when the recording started.
-
-        A file without receive stamps starts at its earliest event sent (latched ones
-        included: it cannot tell them apart).
-        """
+        """Time 0 of the plot: when the recording started; without receive stamps, its earliest event (latched too)."""
         if self.started is not None:
             return self.started
         times = [stamp for stamp, _ in self.levels + self.stats_fill + self.residuals]
@@ -212,9 +190,10 @@ class Recording:
         return min(times, default=0.0)
 
     def fill_levels(self) -> list[tuple[float, float]]:
-        """Storage's count over time, in order: from /level, or else /stats and /residual.
+        """Storage's count over time, in order: from /level, or else the coarser /stats and /residual.
 
-        A residual is ``max_storage - count``: it needs ``max_storage`` from a /stats.
+        /level comes before and after each drain and when full, so it reaches ``max_storage`` at
+        every refusal. A residual is ``max_storage - count``: it needs ``max_storage`` from a /stats.
         """
         if self.levels:
             return sorted(self.levels)
@@ -233,7 +212,7 @@ class Recording:
 
 
 def load(file: Path) -> Recording:
-    """Reads the events the plot shows from a recording."""
+    """The events of a recording that the plot shows."""
     recording = Recording()
     for name, event, message in read_messages(file):
         recording.add(name, event, message)
@@ -247,13 +226,7 @@ def clipped(levels: list[tuple[float, float]], start: float) -> tuple[float | No
 
 
 def refusals_while_full(recording: Recording) -> tuple[int, int, int]:
-    """Storage's refused stores over the recording, checked against the line.
-
-    Returns:
-        The growth of its ``refused`` counter, the number of ``/stats`` intervals in
-        which it grew, and how many of those the line reaches ``max_storage`` in.
-
-    """
+    """Storage's refused stores, how many of its ``/stats`` intervals they grew in, and in how many the line is full."""
     levels = recording.fill_levels()
     ordered = sorted(recording.refused)
     grown = intervals = full = 0
@@ -294,10 +267,7 @@ def report(recording: Recording) -> list[str]:
 
 
 def sample_rates(stamps: list[float], start: float) -> tuple[list[float], list[float]]:
-    """Samples/s in bins of ``RATE_BIN_S``: (bin middles since ``start``, rates).
-
-    The first and the last bin are left out: the recording covers only part of them.
-    """
+    """Samples/s in bins of ``RATE_BIN_S``: (bin middles since ``start``, rates); not the first and last, partial."""
     counts: dict[int, int] = defaultdict(int)
     for stamp in stamps:
         counts[int((stamp - start) // RATE_BIN_S)] += 1
@@ -308,12 +278,17 @@ def sample_rates(stamps: list[float], start: float) -> tuple[list[float], list[f
 
 
 def draw(recording: Recording, title: str, output: Path, pyplot: Any) -> None:
-    """Draws the two panels and writes the PNG."""
+    """Draws the two panels (the fill, each agent's samples/s) and writes the PNG."""
     start = recording.start()
     figure, (fill_axes, rate_axes) = pyplot.subplots(2, 1, sharex=True, figsize=(9, 5.5), dpi=80)
     figure.suptitle(f"storage fill and agent sample rates: {title}", fontsize=10)
     draw_fill(fill_axes, recording, start)
-    draw_rates(rate_axes, recording, start)
+    for index, agent in enumerate(recording.agents()):
+        times, rates = sample_rates(recording.samples.get(agent, []), start)
+        rate_axes.plot(times, rates, color=f"C{index}", linewidth=1, label=agent)
+    rate_axes.set_ylabel(f"samples/s (per {RATE_BIN_S:g} s)")
+    rate_axes.set_ylim(bottom=0)
+    rate_axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     rate_axes.set_xlabel("seconds since the recording started")
     rate_axes.set_xlim(left=0)
     figure.tight_layout()
@@ -329,17 +304,8 @@ def draw_fill(axes: Any, recording: Recording, start: float) -> None:
     axes.plot([stamp - start for stamp, _ in line], [count for _, count in line], ".-", color="C7", label="items")
     if at_start is not None:
         # On the y-axis: drawn over it (and past it), not clipped away under it.
-        axes.plot(
-            [0],
-            [at_start],
-            "o",
-            color="C7",
-            markerfacecolor="white",
-            markersize=8,
-            clip_on=False,
-            zorder=4,
-            label="items at the start\n(latched)",
-        )
+        circle = {"markerfacecolor": "white", "markersize": 8, "clip_on": False, "zorder": 4}
+        axes.plot([0], [at_start], "o", color="C7", label="items at the start\n(latched)", **circle)
     axes.set_ylabel("items in storage")
     if recording.max_storage is None:
         return
@@ -367,16 +333,6 @@ def level_at(levels: list[tuple[float, float]], moment: float) -> float:
     """Storage's count as last known at ``moment``."""
     known = [count for stamp, count in levels if stamp <= moment]
     return known[-1] if known else 0.0
-
-
-def draw_rates(axes: Any, recording: Recording, start: float) -> None:
-    """Each agent's samples/s."""
-    for index, agent in enumerate(recording.agents()):
-        times, rates = sample_rates(recording.samples.get(agent, []), start)
-        axes.plot(times, rates, color=f"C{index}", linewidth=1, label=agent)
-    axes.set_ylabel(f"samples/s (per {RATE_BIN_S:g} s)")
-    axes.set_ylim(bottom=0)
-    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -407,9 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(msg)
         recording = load(file)
         draw(recording, file.name, output, pyplot)
-        for line in report(recording):
-            print(line)
-        print(f"wrote {output}")
+        print(*report(recording), f"wrote {output}", sep="\n")
 
     return run_cli(body)
 

@@ -1,21 +1,11 @@
-"""Read a recording back: how many events of each path it holds.
+"""Read a recording back: how many events of each path it holds, in all, and how many were latched.
 
     python -m tools.read_recording recordings                 # the newest recording there
     python -m tools.read_recording recordings/2025_01_31_12_00_00_000000_host.0000.bin
 
-prints one line per path, then a total, and how many events were latched ones, sent
-before the recording started:
-
-    agent-1/sample 480
-    storage/stats 10
-    1234 events, 9.8 s
-    9 of them sent before the recording started (latched)
-
-The recording is a file that farm-ng-core's ``event_service_recorder`` wrote: each event
-is a 4-byte length, the ``Event``, then its payload. farm-ng-core's ``EventsFileReader``
-decodes a payload by the type its event names, importing the module that names: a file
-from elsewhere could run code. Here each payload is decoded by its path (``wire``), and
-the sizes are bounded.
+farm-ng-core's ``EventsFileReader`` decodes a payload by the type its event names, importing
+the module that names: a file from elsewhere could run code. Here each payload is decoded by
+its path (``wire``), and the sizes are bounded.
 """
 
 from __future__ import annotations
@@ -42,12 +32,7 @@ LENGTH = struct.Struct("<I")
 
 
 def recording_file(path: str) -> Path:
-    """The recording ``path`` names: the file itself, or the newest ``*.bin`` in a directory.
-
-    Raises:
-        ConfigError: there is no such file, or the directory holds no recording.
-
-    """
+    """The recording ``path`` names: the file itself, or the newest ``*.bin`` in a directory; else ConfigError."""
     given = Path(path)
     if given.is_dir():
         # The recorder names files after the UTC time they were started.
@@ -63,13 +48,7 @@ def recording_file(path: str) -> Path:
 
 
 def read_events(file: Path) -> Iterator[tuple[str, Event, bytes]]:
-    """Every event of a recording, in the order recorded: ``(service/path, event, payload)``.
-
-    Raises:
-        ConfigError: the file is damaged (a length beyond the limits, or an event that
-            does not parse).
-
-    """
+    """Every event of a recording, in order: ``(service/path, event, payload)``; ConfigError if it is damaged."""
     with file.open("rb") as stream:
         while header := stream.read(LENGTH.size):
             (length,) = LENGTH.unpack(header) if len(header) == LENGTH.size else (None,)
@@ -92,10 +71,7 @@ def _damaged(file: Path, where: int) -> ConfigError:
 
 
 def read_messages(file: Path) -> Iterator[tuple[str, Event, Message]]:
-    """The events of a recording whose path this example knows, each decoded as its path's type.
-
-    Events of other paths, and events that are not of their path's type, are skipped.
-    """
+    """The events of a recording whose path this example knows, each decoded as its path's type (others skipped)."""
     for name, event, payload in read_events(file):
         kind = PUBLISHED.get(event.uri.path)
         if kind is None:
@@ -107,11 +83,10 @@ def read_messages(file: Path) -> Iterator[tuple[str, Event, Message]]:
 
 
 def summary(file: Path) -> list[str]:
-    """``<path> <count>`` per path, the number of events and how long the recording ran.
+    """``<path> <count>`` per path, the number of events, how long the recording ran, and the latched ones.
 
-    The length runs from the first event the recorder received to the last. A latched
-    event (the last one a service published before the recorder subscribed) comes in
-    first with its old send stamp: those are counted on a line of their own.
+    A latched event (the last a service published before the recorder subscribed) comes
+    first, with its old send stamp.
     """
     counts: Counter[str] = Counter()
     sent, received = [], []
@@ -147,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> None:
         file = recording_file(cli.recording)
-        print(file)
-        for line in summary(file):
-            print(line)
+        print(file, *summary(file), sep="\n")
 
     return run_cli(body)
 

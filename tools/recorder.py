@@ -1,23 +1,12 @@
-"""Recorder: serves farm-ng-core's ``RecorderService``; its ``start``/``stop`` commands drive it.
+"""Recorder: serves farm-ng-core's ``RecorderService``; its ``start``/``stop`` commands drive it (see the README).
 
     python -m tools.recorder --service-config tools/record_config.json --service-name recorder
-    python -m farm_ng.core.event_service_recorder start \
-        --service-config tools/record_config.json --service-name recorder
-    python -m farm_ng.core.event_service_recorder stop \
-        --service-config tools/record_config.json --service-name recorder
 
-``start`` records what the port-less ``record_default`` entry of the config subscribes to
-into ``<data dir>/<UTC time>_<host>.0000.bin`` and prints that name without the
-``.0000.bin``; ``stop`` closes the file. The entry's args name the data directory
-(``"--data-dir=recordings"``).
-
-farm-ng-core's own ``python -m farm_ng.core.event_service_recorder service`` serves the
-same ``RecorderService``, but it builds its gRPC server before the event loop runs,
-which fails on Python 3.12 ("attached to a different loop"), and it listens on every
-interface. Here the server is built inside the loop, listens on the entry's host and
-port only, and refuses any request but ``/start/record_default`` (carrying an
-``EventServiceConfigList``) and ``/stop`` (``Empty``): ``RecorderService`` decodes
-``/start`` by the type the request names. Ctrl-C closes a recording in progress.
+farm-ng-core's own ``event_service_recorder service`` builds its gRPC server before the event
+loop runs, which fails on Python 3.12, and listens on every interface. This one builds it in
+the loop, listens on the entry's host and port only, and takes only ``/start/record_default``
+and ``/stop``, each decoded as its own type (``RecorderService`` decodes by the type the
+request names). Ctrl-C closes a recording in progress.
 """
 
 from __future__ import annotations
@@ -41,18 +30,6 @@ from propagation.wire import Contract
 
 # What the recorder answers, and what each request carries in.
 RECORDER = Contract(requests={"/start/record_default": EventServiceConfigList, "/stop": Empty}, publishes=("/health",))
-
-
-def check_data_dir(entry: Entry) -> None:
-    """Checks that the entry's args name a data directory, as ``RecorderService`` needs.
-
-    Raises:
-        ConfigError: no ``--data-dir`` among the args.
-
-    """
-    if not any(arg == "--data-dir" or arg.startswith("--data-dir=") for arg in entry.args):
-        msg = f'service {entry.name!r} needs args ["--data-dir=<directory for recordings>"]'
-        raise ConfigError(msg)
 
 
 async def serve_recorder(entry: Entry) -> int:
@@ -84,7 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         entry = find_entry(read_config(cli.service_config), cli.service_name, cli.service_config)
         check_endpoint(entry)
-        check_data_dir(entry)
+        if not any(arg == "--data-dir" or arg.startswith("--data-dir=") for arg in entry.args):  # RecorderService's
+            msg = f'service {entry.name!r} needs args ["--data-dir=<directory for recordings>"]'
+            raise ConfigError(msg)
         output = configure_logging(entry.log_level)
         try:
             return asyncio.run(serve_recorder(entry))

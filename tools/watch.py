@@ -1,18 +1,10 @@
-"""Watch: prints what a service publishes, decoded, one event a line.
+"""Watch: prints what a service publishes, decoded, one event a line, until Ctrl-C or ``--count``.
 
     python -m tools.watch --service-config service_config.json --service-name agent-3 --path /sample --count 5
-
-prints lines such as
-
     agent-3/sample 1234 {"sample": 0.5398770072851099, "task_id": 0.0}
 
-(the service and path, the event's sequence number, the message as JSON; a message
-JSON cannot hold, such as a ``/stats`` with NaN in it, in protobuf's text format, marked
-invalid). farm-ng-core's own ``python -m farm_ng.core.event_client`` prints payload sizes
-only. ``--path '*'`` (the default) follows every path of the service. A service that is
-not up yet, or goes away, is said on stderr (``agent-3 is not up yet at localhost:5003;
-retrying``) and tried again, each attempt bounded to a second; watch carries on across
-its restarts. Ctrl-C stops it.
+A message JSON cannot hold (NaN, say) is shown in protobuf's text format, marked invalid.
+A service that is down is said on stderr and tried again, each attempt bounded.
 """
 
 from __future__ import annotations
@@ -21,6 +13,7 @@ import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core l
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -55,19 +48,12 @@ def describe(service_name: str, event: Event, message: Message | bytes) -> str:
 
 
 async def watch(config: EventServiceConfig, path: str, count: int | None) -> None:
-    """Prints the events of ``path`` until ``count`` have come, or until Ctrl-C."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    """Prints the events of ``path`` until ``count`` have come, or until Ctrl-C or SIGTERM."""
     printing = asyncio.ensure_future(print_events(config, path, count))
-    stopping = asyncio.ensure_future(stop.wait())
-    done, _ = await asyncio.wait([printing, stopping], return_when=asyncio.FIRST_COMPLETED)
-    for task in (printing, stopping):
-        task.cancel()
-    await asyncio.gather(printing, stopping, return_exceptions=True)
-    if printing in done:
-        printing.result()  # raises what made it stop, if anything did
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, printing.cancel)
+    with contextlib.suppress(asyncio.CancelledError):
+        await printing
 
 
 async def print_events(config: EventServiceConfig, path: str, count: int | None) -> None:
@@ -80,20 +66,16 @@ async def print_events(config: EventServiceConfig, path: str, count: int | None)
             try:
                 print(describe(config.name, event, message), flush=True)
             except BrokenPipeError:  # `| head` read what it wanted
-                quiet_stdout()
+                # stdout to /dev/null: Python's last flush on the way out must not fail again.
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
                 return
             printed += 1
             if count is not None and printed >= count:
                 return
     finally:
         await client.close()
-
-
-def quiet_stdout() -> None:
-    """Points stdout at /dev/null: Python's last flush on the way out must not fail again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def build_parser() -> argparse.ArgumentParser:
