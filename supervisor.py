@@ -43,6 +43,7 @@ class Supervisor:
         self.counts = SupervisorCounts()
         self.queue = SampleQueue(spec.args.max_batch, self.counts, service.logger)
         self.takes_batches: bool | None = None  # whether storage has /update_storage_batch; None until asked
+        self.calls: set[asyncio.Future[None]] = set()  # to agents, under way
 
     async def watch_agent(self, link: AgentLink) -> None:
         """Reads one agent's ``/sample``: each sample above confidence waits for a relay."""
@@ -81,7 +82,9 @@ class Supervisor:
         for (link, event), left in zip(batch, batch_residuals(stored, residual, len(batch))):
             # farm-ng's example prints str(residual), which is empty for 0: say "value: 0".
             self.service.logger.info("Residual: value: %d", left)
-            link.tell(left, wire.residual_stamps(reply, event))
+            link.outbox.tell(left, wire.residual_stamps(reply, event))
+        for link in {link for link, _ in batch}:
+            self.send_residuals(link)
 
     async def ask_storage(self, items: int) -> tuple[int, int, Event] | None:
         """Stores ``items`` in one call: how many storage stored, the residual after, its reply.
@@ -114,28 +117,24 @@ class Supervisor:
             residual = 0
         return stored, residual, reply.event
 
-    async def tell_agent(self, link: AgentLink) -> None:
-        """Sends an agent its residuals (``/update_residual``): a few calls at once, the newest next."""
-        calls: set[asyncio.Future[None]] = set()
-        try:
-            async for residual, stamps, wake_up in link.residuals():
-                call = asyncio.ensure_future(self.tell(link, residual, stamps, wake_up))
-                calls.add(call)
-                call.add_done_callback(calls.discard)
-        finally:
-            for call in calls:
-                call.cancel()
+    def send_residuals(self, link: AgentLink) -> None:
+        """Starts a call for each residual the agent's outbox lets out now (a few at a time)."""
+        while (taken := link.outbox.take()) is not None:
+            call = asyncio.ensure_future(self.tell(link, *taken))
+            self.calls.add(call)
+            call.add_done_callback(self.calls.discard)
 
     async def tell(self, link: AgentLink, residual: int, stamps: list[Timestamp], wake_up: bool) -> None:
-        """One call: tells the agent ``residual``."""
+        """Tells the agent ``residual`` (``/update_residual``); then the next that waits, if any."""
         try:
             await link.agent.request_reply("/update_residual", Int32Value(value=residual), timestamps=stamps)
         except PeerUnavailable:
-            link.done(None)
+            link.outbox.done(None)
             self.counts.unsent += 1
         else:
-            link.done(residual)
+            link.outbox.done(residual)
             self.counts.wakeups += wake_up
+        self.send_residuals(link)
 
     async def watch_pauses(self, link: AgentLink) -> None:
         """Follows an agent's ``/pauses``: whether it is paused, in its own words."""
@@ -162,8 +161,9 @@ class Supervisor:
             last = clock.time()
             if isinstance(residual, Int32Value) and residual.value > 0:
                 for link in self.agents.values():
-                    if link.may_need_waking():
-                        link.tell(residual.value, wire.residual_stamps(event), wake_up=True)
+                    if link.agent.reachable and link.outbox.may_need_waking():
+                        link.outbox.tell(residual.value, wire.residual_stamps(event), wake_up=True)
+                        self.send_residuals(link)
 
     def stats(self) -> dict[str, object]:
         """The figures ``/stats`` carries."""
@@ -195,8 +195,7 @@ async def main(spec: ServiceSpec[SupervisorArgs]) -> int:
     service = EventServiceGrpc(create_server(wire.SUPERVISOR, spec.entries), spec.config)
     supervisor = Supervisor(service, spec)
     links = supervisor.agents.values()
-    jobs = (supervisor.watch_agent, supervisor.watch_pauses, supervisor.tell_agent)
-    tasks = [job(link) for link in links for job in jobs]
+    tasks = [job(link) for link in links for job in (supervisor.watch_agent, supervisor.watch_pauses)]
     tasks += [supervisor.relay() for _ in range(spec.args.max_in_flight)]
     tasks.append(supervisor.watch_storage())
     return await serve(service, tasks, stats=supervisor.stats)

@@ -15,7 +15,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import deque
-from typing import TYPE_CHECKING, Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
 from google.protobuf.struct_pb2 import Struct
@@ -29,7 +29,6 @@ from propagation.residuals import Outbox
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
     from farm_ng.core.event_service_pb2 import SubscribeRequest
-    from farm_ng.core.timestamp_pb2 import Timestamp
     from google.protobuf.message import Message
 
     from propagation.cli import ServiceSpec
@@ -69,7 +68,7 @@ class SupervisorCounts:
 
 
 class AgentLink:
-    """One supervised agent: its client, its subscription, and its ``Outbox``."""
+    """One supervised agent: its client, its subscription, its freshness, and its ``Outbox``."""
 
     def __init__(self, agent: PeerClient, subscription: SubscribeRequest) -> None:
         self.agent = agent
@@ -77,7 +76,6 @@ class AgentLink:
         self.name = agent.config.name
         self.freshness = Freshness(applies=not is_loopback(agent.config.host))
         self.outbox = Outbox()
-        self._ready = asyncio.Event()
 
     @classmethod
     def of_subscriptions(cls, spec: ServiceSpec[Any], owner: str) -> dict[str, AgentLink]:
@@ -87,28 +85,6 @@ class AgentLink:
             agent = spec.config_of(service_name_in(subscription.uri.query) or "")
             links[agent.name] = cls(PeerClient(agent, owner, channel_options=fresh_stream_options(agent)), subscription)
         return links
-
-    def tell(self, residual: int, stamps: list[Timestamp], wake_up: bool = False) -> None:
-        """Has the agent told ``residual`` (``Outbox.tell``)."""
-        self.outbox.tell(residual, stamps, wake_up)
-        self._ready.set()
-
-    def may_need_waking(self) -> bool:
-        """Whether to forward storage's room to the agent: reachable, and it may be paused."""
-        return bool(self.agent.reachable) and self.outbox.may_need_waking()
-
-    async def residuals(self) -> AsyncIterator[tuple[int, list[Timestamp], bool]]:
-        """Each residual to send, as ``Outbox.take`` gives them, until cancelled; then ``done``."""
-        while True:
-            await self._ready.wait()
-            self._ready.clear()
-            while (taken := self.outbox.take()) is not None:
-                yield taken
-
-    def done(self, delivered: int | None) -> None:
-        """A call to the agent ended (``Outbox.done``): another may start."""
-        self.outbox.done(delivered)
-        self._ready.set()
 
 
 class SampleQueue:
