@@ -131,9 +131,14 @@ class Services:
         self.started.append(process)
         return process
 
-    def service(self, config: Path, name: str, wait: bool = True) -> Process:
-        """Starts the service ``name`` of ``config`` with its role's script; waits until it says it serves."""
+    def service(self, config: Path, name: str, wait: bool = True, shell: str | None = None) -> Process:
+        """Starts the service ``name`` of ``config`` with its role's script; waits until it says it serves.
+
+        ``shell``, if given, is an ``sh -c`` line that sets up the process and ends in ``exec "$@"``.
+        """
         argv = processes.service_argv(config, find_entry(read_config(str(config)), name))
+        if shell is not None:
+            argv = ["sh", "-c", shell, "sh", *argv]
         process = self.start(Process(name, argv))
         if wait:
             process.wait_for(processes.serving_line(name).pattern, STARTUP_TIMEOUT_S)

@@ -291,10 +291,7 @@ def test_grpc_core_lines_go_through_the_tally(services: Services, tmp_path: Path
     # Out of file descriptors, gRPC's core writes "File descriptor limit reached. Retrying."
     # to stderr once a second, past Python's logging.
     config = write_config(tmp_path)
-    argv = [sys.executable, str(ROOT / "agent.py"), "--service-config", str(config), "--service-name", "agent-3"]
-    agent = Process("agent-3", ["sh", "-c", 'ulimit -n 64 && exec "$@"', "sh", *argv])
-    services.started.append(agent)
-    agent.wait_for(r"^agent-3 serving on ", STARTUP_TIMEOUT_S)
+    agent = services.service(config, "agent-3", shell='ulimit -n 64 && exec "$@"')
     crowd: list[socket.socket] = []
     try:
         while len(crowd) < 100:  # more than the agent may have open
@@ -337,10 +334,7 @@ def test_a_service_started_without_stderr_serves(services: Services, tmp_path: P
     # File descriptor 2 closed at start: the next file opened takes it (gRPC's own, say);
     # reading "stderr" back must leave that one alone.
     config = write_config(tmp_path)
-    argv = [sys.executable, str(ROOT / "agent.py"), "--service-config", str(config), "--service-name", "agent-3"]
-    agent = Process("agent-3", ["sh", "-c", 'exec "$@" 2>&-', "sh", *argv])
-    services.started.append(agent)
-    agent.wait_for(r"^agent-3 serving on ", STARTUP_TIMEOUT_S)
+    agent = services.service(config, "agent-3", shell='exec "$@" 2>&-')
     first = stats(config, "agent-3")["published"]
     assert stats(config, "agent-3", fresh=3)["published"] > first
     agent.signal(signal.SIGTERM)
