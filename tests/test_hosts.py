@@ -22,6 +22,8 @@ import grpc
 import pytest
 from helpers import ROOT, STARTUP_TIMEOUT_S, WAIT_TIMEOUT_S, Process, Services, port_of, write_config
 
+from propagation.stats import LATENCY_WINDOW_S
+
 LOOPBACK = {"127.0.0.1", "::1"}
 ORDER = ["storage", "supervisor-1", "supervisor-2", "agent-1", "agent-2", "agent-3"]
 HOST_OF = {"storage": 0, "supervisor-1": 1, "supervisor-2": 1, "agent-1": 2, "agent-2": 2, "agent-3": 2}
@@ -306,9 +308,12 @@ def test_a_thin_link_keeps_residuals_fresh(system: System) -> None:
     supervisors = {name: stats_lines(watchers[name], ended - 2, ended + 5)[-1:] for name in SUPERVISORS}
     for name in AGENTS:
         watcher = watchers[name]
-        # Each /stats holds the latency percentiles of the agent's last 5 s.
-        p99s = [figures.get("latency_p99_ms", float("inf")) for figures in stats_lines(watcher, started + 5, ended)]
-        assert len(p99s) >= 20, watcher.output
+        # Each /stats holds the latency percentiles of the agent's last 5 s. Those whose window
+        # began within 2 s of the switch also hold what was already in flight when the link
+        # thinned (up to a flow-control window, drained at 96 kbit/s): the switch, not a queue.
+        settled = started + LATENCY_WINDOW_S + 2
+        p99s = [figures.get("latency_p99_ms", float("inf")) for figures in stats_lines(watcher, settled, ended)]
+        assert len(p99s) >= 15, watcher.output
         assert max(p99s) < 1000, (name, p99s, supervisors, stats_lines(watcher, ended - 2, ended + 5)[-1:])
         heard = [started, *system.running[name].moments(r"^Remainder: ", since=started), ended]
         longest_gap = max(after - before for before, after in zip(heard, heard[1:]))
