@@ -22,6 +22,7 @@ from google.protobuf.struct_pb2 import Struct
 
 from propagation import wire
 from propagation.config import service_name_in
+from propagation.logs import Tally
 from propagation.network import is_loopback
 from propagation.peers import PeerClient, fresh_stream_options
 from propagation.residuals import Outbox
@@ -97,9 +98,9 @@ class SampleQueue:
     def __init__(self, max_batch: int, counts: SupervisorCounts, log: logging.Logger) -> None:
         self.max_batch = max_batch
         self._counts = counts
-        self._log = log
         self._pending: asyncio.Queue[tuple[AgentLink, Event]] = asyncio.Queue(MAX_PENDING)
-        self._overloaded = False
+        # A slow or unreachable storage fills and empties the queue many times a second.
+        self._drops = Tally(log)
 
     def put(self, link: AgentLink, event: Event) -> None:
         """Queues a sample to relay; counts it as dropped if the queue is full."""
@@ -107,15 +108,10 @@ class SampleQueue:
             self._pending.put_nowait((link, event))
         except asyncio.QueueFull:
             self._counts.dropped += 1
-            if not self._overloaded:
-                self._overloaded = True
-                self._log.warning("overloaded: dropping samples that cannot be relayed in time (counted)")
+            self._drops.add("dropped %d samples: the relays could not keep up (dropped in /stats)")
 
     async def next_batch(self) -> list[tuple[AgentLink, Event]]:
         """The next sample, and those queued behind it, up to ``max_batch``."""
-        if self._overloaded and self._pending.empty():
-            self._overloaded = False
-            self._log.info("caught up: dropped %d samples so far", self._counts.dropped)
         batch = [await self._pending.get()]
         while len(batch) < self.max_batch and not self._pending.empty():
             batch.append(self._pending.get_nowait())
