@@ -156,7 +156,7 @@ class Supervisor:
         async for event, residual in self.storage.subscribe(request, decode=True):
             if clock.time() - last < MIN_RESIDUAL_GAP_S:
                 self.counts.residuals_skipped += 1
-                flood.add("skipped %d /residual events that came too soon after the last: only the newest matters")
+                flood.add("skipped %d /residual events that came too soon: storage repeats its room")
                 continue
             last = clock.time()
             if isinstance(residual, Int32Value) and residual.value > 0:

@@ -26,7 +26,7 @@ MIN_REASSERT_S = 0.5
 PAUSES_PERIOD_S = 1.0
 PAUSES_MIN_GAP_S = 0.05
 # A supervisor handles a /residual at most this often: storage publishes one every half
-# second or so, and after each drain; more is a flood, and only the newest matters.
+# second or so, and after each drain; more is a flood. What is skipped, it says again.
 MIN_RESIDUAL_GAP_S = 0.05
 # What messages may take on the way, on top of the periods, in the bound.
 BOUND_SLACK_S = 1.0
