@@ -224,10 +224,14 @@ def test_what_the_supervisors_count_adds_up_with_what_storage_counts(services: S
     # storage's count of stores lies between what the supervisors know was stored or refused
     # and that plus what they could not confirm, exactly; and between them they saw every
     # sample above confidence.
-    config = write_config(tmp_path, {"storage": {"args": ["max_storage=100", "batch_size=50", "drain_period=1"]}})
+    # Storage empties when full: after a drain, the agents publish for about a second before
+    # it is full again, and the stop must find stores under way, not agents paused.
+    config = write_config(tmp_path, {"storage": {"args": ["max_storage=100", "batch_size=100", "drain_period=1"]}})
     running = services.system(config)
     storage = running["storage"]
     storage.wait_for(r"^Storage full: 100/100")  # refusals too
+    storage.wait_for(r"^Removed from storage", start=len(storage.lines))
+    storage.wait_for(r"^Storage: \d+/100 ", start=len(storage.lines))
     storage.signal(signal.SIGSTOP)
     time.sleep(1.5)  # readiness-free: the stop itself, longer than a call's timeout
     storage.signal(signal.SIGCONT)
