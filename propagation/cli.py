@@ -12,25 +12,15 @@ import dataclasses
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING, Awaitable, Callable, Generic, NoReturn, Sequence, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, Generic, NoReturn, Sequence
 
-from propagation.args import parse_args
-from propagation.config import (
-    ConfigError,
-    Entry,
-    check_entry,
-    find_entry,
-    read_config,
-    script_role,
-)
+from propagation.args import ArgsT, parse_args
+from propagation.config import ConfigError, Entry, check_entry, find_entry, read_config, script_role
 
 if TYPE_CHECKING:
     from farm_ng.core.event_service_pb2 import EventServiceConfig
 
-ArgsT = TypeVar("ArgsT")
-
-# The signals that stop a service: Ctrl-C, kill, and a terminal that closed.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)  # Ctrl-C, kill, a terminal that closed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +34,7 @@ class ServiceSpec(Generic[ArgsT]):
     @property
     def config(self) -> EventServiceConfig:
         """The entry of the service to run, as farm-ng-core's ``EventServiceConfig``."""
-        return self.config_of(self.entry.name)
+        return self.entry.service_config()
 
     def config_of(self, name: str) -> EventServiceConfig:
         """The entry called ``name`` as an ``EventServiceConfig`` (for a peer's client)."""
@@ -57,15 +47,9 @@ def load(
     argv: Sequence[str] | None = None,
     script: str | None = None,
 ) -> ServiceSpec[ArgsT]:
-    """Parses the command line, reads the config, checks the entry and its args.
+    """Parses the command line, reads the config, checks the entry and its args: a ``ConfigError`` if bad.
 
-    The entry is checked as the role that ``script`` runs (the running script unless
-    given: ``agent.py`` runs agents), whatever its name.
-
-    Raises:
-        ConfigError: naming the file, service, arg or value at fault.
-        SystemExit: the command line itself is wrong (argparse's usage line, exit 2).
-
+    The entry is checked as the role ``script`` runs (by default the running one), whatever its name.
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--service-config", required=True, help="the EventServiceConfigList JSON file")
@@ -74,16 +58,14 @@ def load(
     entries = read_config(cli.service_config)
     entry = find_entry(entries, cli.service_name, cli.service_config)
     check_entry(entry, entries, script_role(sys.argv[0] if script is None else script))
-    args = parse_args(entry, args_type)
-    return ServiceSpec(entry, tuple(entries), args)
+    return ServiceSpec(entry, tuple(entries), parse_args(entry, args_type))
 
 
 def quiet_grpc_core() -> None:
     """Keeps gRPC's C core to errors; call it before grpc loads (it reads GRPC_VERBOSITY once).
 
-    From grpcio 1.7x its core writes a line at INFO on stderr, past Python's logging,
-    whenever a peer's server goes away (``Got goaway ... Cancelling all calls``): noise in
-    a service's output and across the monitor's live view.
+    From grpcio 1.7x it writes a line at INFO on stderr whenever a peer's server goes away
+    (``Got goaway ... Cancelling all calls``): noise in a service's output and the monitor's.
     """
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
@@ -96,13 +78,11 @@ def run(
 ) -> NoReturn:
     """Runs a service: loads its spec, sets up logging, runs ``main`` in an event loop, exits.
 
-    ``doc`` is the script's docstring: its first line describes the command in ``--help``.
-
-    The exit code is what ``main`` returns (0 for None), 1 for bad input. The process
-    ends with ``os._exit`` once its last lines are written: the interpreter's own exit
-    would put back the default signal handlers, then wait for gRPC's threads (on Python
-    3.8 and 3.9 a second SIGTERM meanwhile killed the process, and gRPC's poller could
-    hold the exit for seconds).
+    ``doc`` is the script's docstring, whose first line is ``--help``'s description. The exit
+    code is what ``main`` returns (0 for None), 1 for bad input. The process ends with
+    ``os._exit`` once its last lines are written: the interpreter's own exit would put back
+    the default signal handlers, then wait for gRPC's threads (on Python 3.8 and 3.9 a second
+    SIGTERM meanwhile killed the process; gRPC's poller could hold the exit for seconds).
     """
 
     def body() -> int:
@@ -126,10 +106,9 @@ def run(
 
 
 def run_cli(body: Callable[[], int | None]) -> int:
-    """Runs a script's body and returns its exit code, for ``sys.exit``.
+    """Runs a script's body; returns its exit code: 1 with one ``error: ...`` line for a ``ConfigError``.
 
-    A ``ConfigError`` becomes one ``error: ...`` line and exit code 1; Ctrl-C at any
-    moment ends quietly with 0, a second or third one too.
+    Ctrl-C at any moment ends quietly with 0, a second or third one too.
     """
     for signum in STOP_SIGNALS:
         if signal.getsignal(signum) in (signal.SIG_DFL, signal.default_int_handler):
@@ -137,7 +116,10 @@ def run_cli(body: Callable[[], int | None]) -> int:
     try:
         return body() or 0
     except ConfigError as exc:
-        return report_error(exc)
+        # A closed stderr or a broken pipe: the exit code still says it.
+        with contextlib.suppress(OSError, AttributeError):
+            print("error:", " ".join(str(exc).split()), file=sys.stderr, flush=True)
+        return 1
     except KeyboardInterrupt:
         return 0
     finally:
@@ -150,14 +132,6 @@ def quiet_signals() -> None:
     """Ctrl-C, SIGTERM and SIGHUP end the process at once, quietly, with code 0, from now on."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, _exit_quietly)
-
-
-def report_error(exc: ConfigError) -> int:
-    """Prints ``error: <problem>`` as one line on stderr; returns the exit code, 1."""
-    # A closed stderr or a broken pipe: the exit code still says it.
-    with contextlib.suppress(OSError, AttributeError):
-        print("error:", " ".join(str(exc).split()), file=sys.stderr, flush=True)
-    return 1
 
 
 def _exit_quietly(signum: int, _frame: object) -> None:

@@ -1,13 +1,7 @@
-"""What a service needs to know of the network, decided in one place.
+"""What a service needs to know of the network, in one place.
 
-- ``check_host``: a host as gRPC reads it (Python's resolver takes more than gRPC's);
-- ``is_loopback``: whether a host is this machine's loopback only: a peer there is never
-  behind a thin link, and a server there serves this machine alone;
-- ``check_port_free``: the bind a server will do, tried first, to name a problem in a line;
-- ``grpc_address``, ``addresses_of``, ``address_of_peer``: addresses as gRPC writes them;
-- ``MAX_MESSAGE_BYTES``: every message of this contract is well under a kilobyte.
-
-Each check raises ``ValueError`` with a line that says what is wrong.
+Hosts as gRPC reads them, loopback or not, the bind a server will do, addresses as gRPC
+writes them, the message limit. A check that fails raises a ``ValueError`` saying why.
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ import socket
 import urllib.parse
 from typing import Iterable
 
-# gRPC's default is 4 MiB.
+# Every message of this contract is well under a kilobyte; gRPC's default is 4 MiB.
 MAX_MESSAGE_BYTES = 64 * 1024
 
 # Host names as gRPC resolves them: labels of 1 to 63 characters, no dot at the end.
@@ -40,12 +34,8 @@ def check_host(where: str, host: str, port: int) -> None:
 
     Python's resolver is more lenient than gRPC's: it takes ``127.1``, ``2130706433`` and
     ``0x7f000001`` as 127.0.0.1, ``0177.0.0.1`` as 127.0.0.1 where gRPC reads 177.0.0.1,
-    and ``localhost.`` with its final dot. A label that is empty (``agent..lan``) or over
-    63 characters fails in Python with a ``UnicodeError``.
-
-    Raises:
-        ValueError: ``where`` and what gRPC would make of it.
-
+    and ``localhost.`` with its final dot; a label that is empty (``agent..lan``) or over 63
+    characters fails there with a ``UnicodeError``. The ``ValueError`` names ``where``.
     """
     if len(host) > MAX_HOST:
         msg = f"{where}: a host name has at most {MAX_HOST} characters"
@@ -86,15 +76,9 @@ def check_host(where: str, host: str, port: int) -> None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Tries the bind that gRPC will do, to name the problem in one line.
+    """Tries the bind that gRPC will do: gRPC says only that a bind failed, a plain socket says why.
 
-    gRPC reports a failed bind as a generic error (and a C-level log line); a plain
-    socket tells why.
-
-    Raises:
-        ValueError: the host does not resolve, is not an address of this machine, or
-            the port is in use there.
-
+    A ``ValueError`` says it: the host does not resolve, is not this machine's, or the port is in use.
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -124,15 +108,23 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` names this machine's loopback only (``localhost``, ``127.0.0.1``, ``::1``).
+    """Whether ``host`` names this machine's loopback only: a peer there is never behind a thin link."""
+    addresses = _resolve(host)
+    return bool(addresses) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
 
-    A service there is reached from this machine alone: never over a thin link.
-    """
+
+def addresses_of(hosts: Iterable[str]) -> set[str]:
+    """The IP addresses the hosts resolve to now; a host that does not resolve adds none."""
+    found = (_normal(address) for host in set(hosts) for address in _resolve(host))
+    return {address for address in found if address}
+
+
+def _resolve(host: str) -> list[str]:
     try:
         infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError):
-        return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    except (OSError, UnicodeError):  # UnicodeError: a label that is empty or too long
+        return []
+    return [info[4][0] for info in infos]
 
 
 def grpc_address(host: str, port: int) -> str:
@@ -143,25 +135,12 @@ def grpc_address(host: str, port: int) -> str:
 def address_of_peer(peer: str) -> str:
     """The IP address in gRPC's name for a peer (``ipv4:10.0.0.2:5000``, ``ipv6:%5B::1%5D:5000``).
 
-    An IPv4 address in IPv6 form (``::ffff:10.0.0.2``) comes back as IPv4; a peer that
-    is not on IP (a unix socket) as the name itself.
+    IPv4 in IPv6 form (``::ffff:10.0.0.2``) comes back as IPv4, a peer not on IP as its name.
     """
     kind, _, rest = peer.partition(":")
     if kind not in ("ipv4", "ipv6"):
         return peer
     return _normal(urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")) or peer
-
-
-def addresses_of(hosts: Iterable[str]) -> set[str]:
-    """The IP addresses the hosts resolve to now; a host that does not resolve adds none."""
-    found: set[str] = set()
-    for host in set(hosts):
-        try:
-            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
-        except (OSError, UnicodeError):
-            continue
-        found.update(address for address in (_normal(info[4][0]) for info in infos) if address)
-    return found
 
 
 def _normal(host: str) -> str | None:

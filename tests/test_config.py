@@ -54,7 +54,8 @@ def test_the_shipped_config_reads() -> None:
     for entry in entries:
         check_entry(entry, entries)
     supervisor = find_entry(entries, "supervisor-1")
-    assert [service_name_in(subscription.query) for subscription in supervisor.subscriptions] == ["agent-1", "agent-2"]
+    subscriptions = supervisor.service_config().subscriptions
+    assert [service_name_in(subscription.uri.query) for subscription in subscriptions] == ["agent-1", "agent-2"]
     assert supervisor.service_config().subscriptions[0].uri.query == "service_name=agent-1"
 
 
@@ -178,7 +179,7 @@ def test_a_field_read_two_ways_or_out_of_range(tmp_path: Path, entry: dict[str, 
 
 
 def endpoint(host: str, name: str = "agent-1", port: int = 5001) -> Entry:
-    return Entry(name=name, host=host, port=port, log_level=0, args=(), subscriptions=(), raw={})
+    return Entry(name=name, host=host, port=port, log_level=0, args=(), raw={})
 
 
 @pytest.mark.parametrize(
@@ -262,14 +263,14 @@ def test_the_script_decides_the_role_and_names_the_right_one(tmp_path: Path) -> 
 
 
 def test_a_config_farm_ng_core_cannot_parse_is_a_config_error() -> None:
-    entry = Entry(name="x-1", host="localhost", port=1, log_level=0, args=(), subscriptions=(), raw={"port": "many"})
+    entry = Entry(name="x-1", host="localhost", port=1, log_level=0, args=(), raw={"port": "many"})
     with pytest.raises(ConfigError, match=r"^service 'x-1': "):
         entry.service_config()
 
 
 def test_an_entry_without_a_port_is_not_a_service(tmp_path: Path) -> None:
     entries = entries_of(tmp_path, [{"name": "record_default"}, {"name": "agent-1", "port": 5001}])
-    assert [entry.role for entry in entries] == [None, "agent"]
+    assert [role_of(entry) for entry in entries] == [None, "agent"]
     with pytest.raises(ConfigError, match="has no host"):
         check_entry(entries[1], entries)
 
@@ -279,7 +280,7 @@ def test_an_entry_without_a_port_is_not_a_service(tmp_path: Path) -> None:
 
 
 def args_of(args_type: type[Any], *args: str) -> Any:
-    entry = Entry(name="x-1", host="localhost", port=1, log_level=0, args=args, subscriptions=(), raw={})
+    entry = Entry(name="x-1", host="localhost", port=1, log_level=0, args=args, raw={})
     return parse_args(entry, args_type)
 
 
