@@ -1,18 +1,7 @@
 """Log lines: each once, through a queue, so that a stalled terminal never stops a service.
 
-- ``configure_logging``: every record goes to a bounded queue; a thread writes the queue to
-  stdout (the standard library's ``QueueHandler`` and ``QueueListener``). When the output
-  stalls (``| less``, Ctrl-S, a full pipe) the queue fills and further lines are dropped
-  and counted, never waited for; the count is printed when the output flows again. A
-  closed stdout or a broken pipe silences the output and nothing else.
-- ``Tally``: a problem that may repeat thousands of times a second (a refused request,
-  an event dropped for a slow subscriber) logs its first occurrence, then one line per
-  interval with the count.
-- farm-ng-core's per-event ``dropped N sequence M path: P`` warnings, and grpc's
-  traceback for a subscriber that went away mid-send, go to a tally each.
-- ``read_back_core_log``: gRPC's C core writes its own lines straight to stderr, past
-  Python's logging (``File descriptor limit reached. Retrying.`` once a second while a
-  service is out of file descriptors); read back from stderr, each kind goes to a tally.
+A problem that may repeat thousands of times a second goes to a ``Tally``: its first line
+at once, then one line per interval with the count.
 """
 
 from __future__ import annotations
@@ -37,10 +26,6 @@ QUEUE_LINES = 10_000
 CLOSE_WAIT_S = 0.4
 # How often a repeating problem is summed up in one line.
 TALLY_INTERVAL_S = 10.0
-# farm-ng-core's EventServiceGrpc warns with this for every event a full subscriber
-# queue drops.
-FARM_NG_DROPPED = "dropped %d sequence %d path: %s"
-# grpc.aio logs this, with a traceback, when a stream's receiver is gone mid-send.
 GRPC_SEND_FAILED = "ExecuteBatchError raised in core by servicer method"
 # A line of gRPC's C core (abseil's format): severity, date, time, thread, file:line, text.
 # "E1204 17:00:23.220626   16190 posix_engine_listener.cc:164] File descriptor limit reached. Retrying."
@@ -50,96 +35,60 @@ MAX_CORE_KINDS = 50
 
 
 class LogOutput:
-    """Where the log lines go: a writer thread behind a bounded queue."""
+    """Where the log lines go: a bounded queue (``handler``), written out by a thread.
+
+    When the output stalls (``| less``, Ctrl-S, a full pipe) further lines are dropped and
+    counted; the count is printed when it flows again. A closed stdout or a broken pipe
+    silences the output and nothing else. The thread writes with ``os.write``, no Python
+    file object: blocked on a stalled terminal, it holds no lock that the interpreter needs
+    to exit (a blocked ``sys.stdout`` would make the exit wait for it, or abort).
+    """
 
     def __init__(self, stream: IO[str] | None, lines: int = QUEUE_LINES) -> None:
-        self._lock = threading.Lock()
-        self._dropped = 0
-        self._writer = _FileWriter(stream, self)
-        self._queue: queue.Queue[logging.LogRecord] = queue.Queue(lines)
-        self.handler = _DroppingQueueHandler(self._queue, self)
-        self._listener = logging.handlers.QueueListener(self._queue, self._writer)
-        self._listener.start()
+        self.handler = _DroppingQueueHandler(queue.Queue(lines))
+        self._stream = stream  # kept open: the descriptor is its
+        try:
+            self._fd = stream.fileno() if stream is not None else None
+        except (OSError, ValueError, AttributeError):  # stdout closed at start, say
+            self._fd = None
+        self._reported = 0  # of handler.dropped
+        self._writer = threading.Thread(target=self._write_lines, daemon=True)  # the process may exit without it
+        self._writer.start()
 
     def write(self, line: str) -> None:
         """Queues one line as it is (no level prefix), never waiting."""
         self.handler.handle(logging.makeLogRecord({"msg": line, "levelno": logging.INFO, "levelname": "INFO"}))
 
-    def count_dropped(self) -> None:
-        """Counts a line that found the queue full."""
-        with self._lock:
-            self._dropped += 1
-
-    def take_dropped(self) -> int:
-        """The lines dropped since the last call."""
-        with self._lock:
-            dropped, self._dropped = self._dropped, 0
-        return dropped
-
     def close(self) -> None:
-        """Writes what is queued, then stops the thread; waits ``CLOSE_WAIT_S`` at most.
-
-        ``QueueListener.stop()`` waits for the thread without bound: with a stalled
-        terminal that would be forever. It runs in a thread of its own here, and the
-        writer is a daemon thread: the process may exit without it.
-        """
-
-        def stop() -> None:
-            with contextlib.suppress(queue.Full):  # full: the stalled lines are dropped
-                self._listener.stop()
-
-        stopping = threading.Thread(target=stop, daemon=True)
-        stopping.start()
-        stopping.join(CLOSE_WAIT_S)
-
-
-class _DroppingQueueHandler(logging.handlers.QueueHandler):
-    """Puts records on the queue without waiting; a full queue counts the line as dropped."""
-
-    def __init__(self, lines: queue.Queue[logging.LogRecord], output: LogOutput) -> None:
-        super().__init__(lines)
-        self._output = output
-
-    def enqueue(self, record: logging.LogRecord) -> None:
+        """Writes what is queued, then stops the thread; waits ``CLOSE_WAIT_S`` at most."""
         try:
-            self.queue.put_nowait(record)
-        except queue.Full:
-            self._output.count_dropped()
-
-
-class _FileWriter(logging.Handler):
-    """Writes each line to a file descriptor with ``os.write``; goes quiet for good if it is closed.
-
-    ``os.write`` and no Python file object: a thread blocked on a stalled terminal then
-    holds no lock that the interpreter needs to exit (a blocked ``sys.stdout`` would make
-    the exit wait for it, or abort).
-    """
-
-    def __init__(self, stream: IO[str] | None, output: LogOutput) -> None:
-        super().__init__()
-        self.setFormatter(_LevelPrefixFormatter())
-        self._output = output
-        self._stream = stream  # kept open: the descriptor is its
-        self._fd = _descriptor_of(stream)
-        self._is_stdout = stream is sys.stdout
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if self._fd is None:
+            self.handler.queue.put_nowait(None)
+        except queue.Full:  # stalled: the lines still queued are dropped
             return
-        dropped = self._output.take_dropped()
-        text = self.format(record) + "\n"
-        if dropped:
-            text = f"WARNING: {dropped} log lines dropped while the output was blocked\n{text}"
-        data = text.encode(errors="replace")
-        try:
-            while data:
-                data = data[os.write(self._fd, data) :]
-        except OSError as exc:
-            self._go_quiet(exc)
+        self._writer.join(CLOSE_WAIT_S)
 
-    def _go_quiet(self, exc: OSError) -> None:
-        fd, self._fd = self._fd, None
-        if fd is not None and self._is_stdout and exc.errno in (errno.EPIPE, errno.EBADF, errno.EIO):
+    def _write_lines(self) -> None:
+        """``message`` for INFO and below, ``WARNING: message`` above; until ``close()``."""
+        while (record := self.handler.queue.get()) is not None:
+            if self._fd is None:
+                continue
+            line = record.getMessage()  # formatted already, with any traceback, by the handler
+            if record.levelno > logging.INFO:
+                line = f"{record.levelname}: {line}"
+            dropped = self.handler.dropped - self._reported
+            if dropped:
+                self._reported += dropped
+                line = f"WARNING: {dropped} log lines dropped while the output was blocked\n{line}"
+            data = (line + "\n").encode(errors="replace")
+            try:
+                while data:
+                    data = data[os.write(self._fd, data) :]
+            except OSError as exc:
+                self._go_quiet(self._fd, exc)
+
+    def _go_quiet(self, fd: int, exc: OSError) -> None:
+        self._fd = None
+        if self._stream is sys.stdout and exc.errno in (errno.EPIPE, errno.EBADF, errno.EIO):
             # Python flushes stdout once more at exit; to a broken pipe that prints an
             # "Exception ignored" message. Point stdout at /dev/null instead.
             with contextlib.suppress(OSError):
@@ -148,78 +97,59 @@ class _FileWriter(logging.Handler):
                 os.close(devnull)
 
 
-def _descriptor_of(stream: IO[str] | None) -> int | None:
-    """The file descriptor under ``stream``; None if there is none (stdout closed at start)."""
-    if stream is None:
-        return None
-    try:
-        return stream.fileno()
-    except (OSError, ValueError, AttributeError):
-        return None
+class _DroppingQueueHandler(logging.handlers.QueueHandler):
+    """Puts records on the queue without waiting; a full queue counts the line as dropped."""
 
+    dropped = 0  # only grows, under the handler's lock
 
-class _LevelPrefixFormatter(logging.Formatter):
-    """``message`` for INFO and below, ``WARNING: message`` above."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
-        return line if record.levelno <= logging.INFO else f"{record.levelname}: {line}"
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
 
 
 def configure_logging(level: int) -> LogOutput:
-    """Sends every log line once to stdout, through a queue, at ``level`` (INFO if 0).
+    """Sends every log line once to stdout at ``level`` (INFO if 0); returns the output, to ``close()`` at the end.
 
     Importing ``farm_ng.core.event_client`` runs ``logging.basicConfig`` and each
     ``EventServiceGrpc`` adds a stderr handler of its own (``serving`` removes that one):
-    left alone every line would print twice. Here the root logger alone prints.
-
-    Returns:
-        The output, to ``close()`` on the way out.
-
+    left alone every line would print twice. Here the root logger alone prints (``force``
+    replaces the handler ``basicConfig`` made).
     """
     output = LogOutput(sys.stdout)
     output.handler.addFilter(RepeatFilter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(output.handler)
-    root.setLevel(level or logging.INFO)
+    logging.basicConfig(handlers=[output.handler], format="%(message)s", level=level or logging.INFO, force=True)
     return output
 
 
 class Tally:
-    """Logs a repeating problem once, then once per interval with how many there were.
+    """Logs a repeating problem once, then once per ``TALLY_INTERVAL_S`` with how many there were.
 
-    ``add(kind)`` from the event loop; each kind is a message template of its own. A line
-    for a kind is logged at once when it is new, then at most once per ``interval`` with
-    the number since the last line.
+    ``add(kind)`` from the event loop; each kind is a message template of its own.
     """
 
-    def __init__(
-        self, logger: logging.Logger, interval: float = TALLY_INTERVAL_S, level: int = logging.WARNING
-    ) -> None:
+    def __init__(self, logger: logging.Logger, level: int = logging.WARNING) -> None:
         self._logger = logger
-        self._interval = interval
         self._level = level
         self._pending: dict[str, int] = {}
         self._last_line: dict[str, float] = {}
         self._flush: asyncio.TimerHandle | None = None
 
-    def add(self, kind: str, count: int = 1) -> None:
-        """Counts ``count`` occurrences of ``kind`` (a message like ``"refused %d requests on /x"``)."""
+    def add(self, kind: str) -> None:
+        """Counts one occurrence of ``kind`` (a message like ``"refused %d requests on /x"``)."""
         now = time.monotonic()
-        if now - self._last_line.get(kind, -self._interval) >= self._interval:
+        if now - self._last_line.get(kind, -TALLY_INTERVAL_S) >= TALLY_INTERVAL_S:
             self._last_line[kind] = now
             # What is pending goes in this line, not in another one a moment later.
             pending = self._pending.pop(kind, 0)
-            line = f"{kind} (in the last {self._interval:g} s)" if pending else kind
-            self._logger.log(self._level, line, count + pending)
+            line = f"{kind} (in the last {TALLY_INTERVAL_S:g} s)" if pending else kind
+            self._logger.log(self._level, line, 1 + pending)
             return
-        self._pending[kind] = self._pending.get(kind, 0) + count
+        self._pending[kind] = self._pending.get(kind, 0) + 1
         if self._flush is None:
             with contextlib.suppress(RuntimeError):  # no running loop: the next add() reports
-                loop = asyncio.get_running_loop()
-                self._flush = loop.call_later(self._interval, self.report)
+                self._flush = asyncio.get_running_loop().call_later(TALLY_INTERVAL_S, self.report)
 
     def report(self) -> None:
         """Logs one line per kind counted since its last line."""
@@ -228,13 +158,13 @@ class Tally:
         now = time.monotonic()
         for kind, count in pending.items():
             self._last_line[kind] = now
-            self._logger.log(self._level, f"{kind} (in the last {self._interval:g} s)", count)
+            self._logger.log(self._level, f"{kind} (in the last {TALLY_INTERVAL_S:g} s)", count)
 
 
 class RepeatFilter(logging.Filter):
     """Turns the libraries' line-per-event messages into a tally each.
 
-    - farm-ng-core's ``EventServiceGrpc`` logs ``dropped N sequence M path: P`` for every
+    - farm-ng-core's ``EventServiceGrpc`` warns ``dropped N sequence M path: P`` for every
       event it drops because a subscriber's queue is full: thousands of lines a second
       while a peer is slow or gone. Its counts stay in ``/health`` (``P/dropped``).
     - grpc.aio logs an ``ExecuteBatchError`` with a traceback when a stream's subscriber
@@ -247,16 +177,14 @@ class RepeatFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         """Lets a record through, or tallies it and drops it."""
-        if record.msg == FARM_NG_DROPPED and isinstance(record.args, tuple) and len(record.args) == 3:
-            path = str(record.args[2])
-            self._tally(record.name, logging.WARNING).add(
-                f"dropped %d events of {path} for subscribers that do not keep up"
-            )
+        args = record.args
+        if record.msg == "dropped %d sequence %d path: %s" and isinstance(args, tuple) and len(args) == 3:
+            kind = f"dropped %d events of {args[2]} for subscribers that do not keep up"
+            self._tally(record.name, logging.WARNING).add(kind)
             return False
         if record.name.startswith("grpc") and str(record.msg).startswith(GRPC_SEND_FAILED):
-            self._tally("grpc", logging.INFO).add(
-                "%d subscription(s) ended: the subscriber went away while an event was sent"
-            )
+            kind = "%d subscription(s) ended: the subscriber went away while an event was sent"
+            self._tally("grpc", logging.INFO).add(kind)
             return False
         return True
 
@@ -269,19 +197,15 @@ class RepeatFilter(logging.Filter):
 def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     """Reads what is written to stderr (file descriptor 2) back into the log, until undone.
 
-    gRPC's C core logs to file descriptor 2 directly (``GRPC_VERBOSITY`` sets how much,
-    ``cli.quiet_grpc_core`` errors only), not through Python's logging: a condition that
-    lasts makes it write the same line once a second. Here each kind of core line (its
-    text) goes to a ``Tally`` in ``loop``: its first occurrence at once, then a count per
-    interval. A line of another form, or a fatal one, is written to the real stderr as it
-    came. Python's ``sys.stderr`` is pointed at the real stderr first: its tracebacks and
-    warnings do not wait for this thread, and reach the terminal even if the process
-    then dies at once.
+    gRPC's C core logs to file descriptor 2 directly (how much: ``cli.quiet_grpc_core``), not
+    through Python's logging: ``File descriptor limit reached. Retrying.`` once a second
+    while a service is out of them. Each kind of core line (its text) goes to a ``Tally``
+    in ``loop``; a line of another form, or a fatal one, goes to the real stderr as it
+    came. Python's ``sys.stderr`` is pointed at the real stderr: its tracebacks reach the
+    terminal even if the process then dies at once.
 
-    Returns:
-        What undoes it: file descriptor 2 is the real stderr again, and the reader stops
-        once it has handed on the last lines (waiting ``CLOSE_WAIT_S`` at most).
-
+    Returns what undoes it: file descriptor 2 is the real stderr again, and the reader
+    stops once it has handed on the last lines (waiting ``CLOSE_WAIT_S`` at most).
     """
     if sys.__stderr__ is None:
         # Started without a stderr: file descriptor 2 may be any file opened since.
@@ -312,19 +236,14 @@ def _forward_core_lines(read_end: int, real: int, loop: asyncio.AbstractEventLoo
     kinds: set[str] = set()
     with os.fdopen(read_end, "rb") as lines:
         for raw in lines:
-            line = raw.decode(errors="replace").rstrip("\n")
-            match = CORE_LINE.match(line)
-            if match is None or match.group(1) == "F":
-                with contextlib.suppress(OSError):
-                    os.write(real, raw)
-                continue
-            text = match.group(2)
-            if text not in kinds and len(kinds) >= MAX_CORE_KINDS:
-                text = "(another kind of line)"
-            kinds.add(text)
-            kind = "gRPC core, %d time(s): " + text.replace("%", "%%")
-            try:
-                loop.call_soon_threadsafe(tally.add, kind)
-            except RuntimeError:  # the loop is closed: the service is on its way out
-                with contextlib.suppress(OSError):
-                    os.write(real, raw)
+            match = CORE_LINE.match(raw.decode(errors="replace").rstrip("\n"))
+            if match is not None and match.group(1) != "F":
+                text = match.group(2)
+                if text not in kinds and len(kinds) >= MAX_CORE_KINDS:
+                    text = "(another kind of line)"
+                kinds.add(text)
+                with contextlib.suppress(RuntimeError):  # the loop is closed: the service is on its way out
+                    loop.call_soon_threadsafe(tally.add, "gRPC core, %d time(s): " + text.replace("%", "%%"))
+                    continue
+            with contextlib.suppress(OSError):  # not a core line, a fatal one, or no loop left: as it came
+                os.write(real, raw)

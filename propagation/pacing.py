@@ -1,12 +1,10 @@
 """An agent's tasks publishing on one schedule, taking turns, paused while storage is full.
 
-``Pacer.slots(task_id)`` yields each time a task's next sample is due. The ``num_tasks``
-tasks share one grid: task ``i`` is due at ``start + (k + i / num_tasks) / rate``. Started
-together they would publish in bursts of ``num_tasks``, each sample of a burst waiting for
-the others; on the grid they take turns within each period, and after a pause each task
-picks up at its next slot of the same grid, so that they keep their turns for the whole
-run. A task that falls behind catches up by publishing at once, up to ``MAX_CATCH_UP_S``
-of lag; beyond that the missed slots are skipped and counted.
+The ``num_tasks`` tasks share one grid: task ``i`` is due at ``start + (k + i / num_tasks) / rate``.
+Started together they would publish in bursts, each sample of a burst waiting for the
+others; on the grid they take turns within each period, after a pause too. A task that
+falls behind catches up by publishing at once, up to ``MAX_CATCH_UP_S`` of lag; beyond
+that the missed slots are skipped and counted.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ class Pacer:
     """The slots of ``num_tasks`` tasks at ``rate`` Hz each, held back while paused."""
 
     def __init__(self, rate: float, num_tasks: int, on_slow: Callable[[], None] | None = None) -> None:
-        """Paces ``num_tasks`` tasks at ``rate`` Hz each; ``on_slow`` runs when slots are skipped."""
+        """``on_slow`` runs when slots are skipped."""
         self.period = 1.0 / rate
         self.num_tasks = num_tasks
         self.room = asyncio.Event()  # set while storage has room

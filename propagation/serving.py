@@ -7,9 +7,8 @@
 
 ``serve`` does what farm-ng-core's ``EventServiceGrpc.serve()`` does, differently where
 it matters: it listens on the entry's host (``serve()`` binds ``[::]``, every network),
-refuses a port in use, publishes ``/stats`` beside ``/health``, sends gRPC's own stderr
-lines through the log's once-per-interval tally, and stops on Ctrl-C, SIGTERM or SIGHUP:
-the server first (calls in flight finish), then the tasks.
+refuses a port in use, publishes ``/stats`` beside ``/health``, tallies gRPC's own stderr
+lines, and stops on Ctrl-C, SIGTERM or SIGHUP: the server first, then the tasks.
 """
 
 from __future__ import annotations
@@ -44,19 +43,16 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Calls at once on one connection (unlimited by default). It bounds HTTP/2 rapid
-    # reset: streams opened and reset at once keep counting until the server is done with
-    # them (gRPC's overload protection), instead of piling up work without bound (one
-    # connection took an agent to 1.8 GB and 23 s without an answer). gRPC's client does
-    # not wait for a free stream beyond it: the calls beyond fail (UNAVAILABLE). A
-    # supervisor's connection carries at most 64 relays (max_in_flight), its wake-ups,
-    # a subscription and a probe.
+    # reset: reset streams count until the server is done with them, instead of piling up
+    # work (one connection took an agent to 1.8 GB and 23 s without an answer). Calls beyond
+    # it fail (UNAVAILABLE; gRPC's client does not wait); a supervisor's connection carries
+    # at most 64 relays (max_in_flight), its wake-ups, a subscription and a probe.
     ("grpc.max_concurrent_streams", 256),
-    # No compressed messages (identity only): the message limit is checked after
-    # inflating, so 50 KB of gzip would be inflated to 50 MB before being refused.
-    # Refused with UNIMPLEMENTED, before inflating; no client of this example compresses.
+    # Compressed messages are refused (UNIMPLEMENTED) before inflating: the message limit
+    # is checked after, so 50 KB of gzip would be 50 MB first. No client here compresses.
     ("grpc.compression_enabled_algorithms_bitset", 1),
-    # A connection that does not open HTTP/2 (preface and SETTINGS) within 5 s is closed
-    # (default: a minute or two, each holding a file descriptor).
+    # A connection that does not open HTTP/2 within 5 s is closed (default: a minute or
+    # two, each holding a file descriptor).
     ("grpc.server_handshake_timeout_ms", 5_000),
     # A client whose host vanished (no FIN, no reset) is noticed within
     # keepalive_time + keepalive_timeout, and its subscriptions end.
@@ -69,27 +65,21 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.http2.min_ping_interval_without_data_ms", 1_000),
     ("grpc.http2.max_ping_strikes", 0),
 )
-STATS_PERIOD_S = 1.0
-# Events a subscriber of a service reachable over a network may have waiting
-# (farm-ng-core's default, kept on loopback, is 10). Beyond that new ones are dropped and
-# counted (/health: <path>/dropped): on a link thinned to 96 kbit/s each waiting sample
-# adds some 65 ms, and a queue of 3 kept agents' samples near the freshness bound (gaps of
-# up to 4.8 s without a residual); with 1, the longest gap was 3.1 s. What else goes out
-# this way (/residual, /pauses, /stats) is re-asserted on a period: a drop costs nothing.
+# Events a subscriber of a service reachable over a network may have waiting (farm-ng-core's
+# default, kept on loopback, is 10); newer ones are dropped and counted (/health:
+# <path>/dropped). On a link thinned to 96 kbit/s each waiting sample adds some 65 ms: with
+# 3, agents' samples neared the freshness bound (gaps of up to 4.8 s without a residual);
+# with 1, the longest gap was 3.1 s. What else goes out this way is re-asserted on a period.
 NETWORK_SUBSCRIBER_QUEUE = 1
 
 
 def create_server(contract: Contract, peers: Iterable[Entry] = ()) -> grpc.aio.Server:
-    """A ``grpc.aio`` server with this example's limits, guarding ``contract``.
+    """A ``grpc.aio`` server with this example's limits, guarding the role's ``contract``.
 
-    Must run inside the event loop: grpc.aio binds the server to the running loop (made
-    before it, it fails on Python 3.12 with "attached to a different loop").
-
-    Args:
-        contract: What the role serves and publishes.
-        peers: The config's entries (``spec.entries``): subscribers on their hosts have
-            slots that strangers cannot take. Without them only loopback has.
-
+    Subscribers on the hosts of ``peers`` (``spec.entries``) have slots that strangers
+    cannot take; without them only loopback has. Must run inside the event loop: grpc.aio
+    binds the server to the running loop (made before it, it fails on Python 3.12 with
+    "attached to a different loop").
     """
     trusted = addresses_of(entry.host for entry in peers if entry.host)
     return grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=[PathGuard(contract, trusted)])
@@ -100,19 +90,11 @@ async def serve(
     tasks: Sequence[Coroutine[Any, Any, Any]] = (),
     stats: Callable[[], dict[str, Any]] | None = None,
 ) -> int:
-    """Serves ``service`` and runs ``tasks`` beside it until Ctrl-C, SIGTERM or SIGHUP.
+    """Serves ``service`` (on ``create_server()``'s server), the role's ``tasks`` beside it, until a signal.
 
-    Args:
-        service: The service, built on ``create_server()``'s server.
-        tasks: The role's coroutines: they run until the service stops.
-        stats: The role's figures, published on ``/stats`` every second.
-
-    Returns:
-        The exit code: 0 after a signal, 1 if a task failed.
-
-    Raises:
-        ConfigError: the host does not resolve, or the port is in use.
-
+    ``stats()`` goes on ``/stats`` every second. Returns the exit code: 0 after Ctrl-C,
+    SIGTERM or SIGHUP, 1 if a task ended. ConfigError if the host does not resolve or
+    the port is in use.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -121,14 +103,18 @@ async def serve(
     # EventServiceGrpc adds a stderr handler of its own; the root logger prints already.
     for handler in list(service.logger.handlers):
         service.logger.removeHandler(handler)
-    if not is_loopback(service.config.host):
+    host, port = service.config.host, service.config.port
+    if not is_loopback(host):
         service.QUEUE_MAX_SIZE = NETWORK_SUBSCRIBER_QUEUE
+    address = grpc_address(host, port)  # the config's host, not every interface as farm-ng-core's serve()
     try:
-        address = bind(service)
-    except ConfigError:
+        check_port_free(host, port)  # gRPC would say only that it failed
+        service.server.add_insecure_port(address)
+    except (ValueError, RuntimeError) as exc:
         for task in tasks:
             task.close()
-        raise
+        msg = str(exc) if isinstance(exc, ValueError) else f"cannot listen on {address}"
+        raise ConfigError(msg) from None
     undo_core_log = read_back_core_log(loop)
     try:
         await service.server.start()
@@ -157,38 +143,11 @@ async def serve(
 
 
 async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[str, Any]]) -> None:
-    """Publishes the role's figures and the guard's counters on ``/stats`` every second, latched.
-
-    Counters only grow, so a reader (the monitor, the benchmark) turns two of them into
-    a rate.
-    """
+    """Publishes the role's figures and the guard's counters on ``/stats`` every second, latched."""
     metrics = EventServiceHealthMetrics()
     while True:
         message = Struct()
         message.update(figures())
         message.update({key: metrics.get(key) for key in COUNTERS})
         await service.publish("/stats", message, latch=True)
-        await asyncio.sleep(STATS_PERIOD_S)
-
-
-def bind(service: EventServiceGrpc) -> str:
-    """Listens on the config's host and port, not on every interface.
-
-    Returns:
-        The address it listens on.
-
-    Raises:
-        ConfigError: the host does not resolve or the port is taken.
-
-    """
-    host, port = service.config.host, service.config.port
-    address = grpc_address(host, port)
-    try:
-        check_port_free(host, port)  # gRPC would say only that it failed
-        service.server.add_insecure_port(address)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    except RuntimeError:
-        msg = f"cannot listen on {address}"
-        raise ConfigError(msg) from None
-    return address
+        await asyncio.sleep(1.0)

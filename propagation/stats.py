@@ -25,10 +25,9 @@ MAX_LATENCIES = 10_000
 
 
 class LatencyWindow:
-    """Latencies of the last ``LATENCY_WINDOW_S`` seconds, for percentiles."""
+    """Latencies of the last ``window_s`` seconds, for percentiles named ``<name>_p50_ms`` ..."""
 
     def __init__(self, name: str, window_s: float = LATENCY_WINDOW_S) -> None:
-        """Keeps latencies under ``<name>_p50_ms`` ... in ``figures()``."""
         self._name = name
         self._window_s = window_s
         self._values: deque[tuple[float, float]] = deque(maxlen=MAX_LATENCIES)
@@ -45,17 +44,12 @@ class LatencyWindow:
         ordered = sorted(value for _, value in self._values)
         if not ordered:
             return {}
-        figures: dict[str, Any] = {
-            f"{self._name}_p{int(100 * fraction)}_ms": 1000 * percentile(ordered, fraction)
+        figures: dict[str, Any] = {  # each the value below which that fraction of them lies
+            f"{self._name}_p{int(100 * fraction)}_ms": 1000 * ordered[int(fraction * len(ordered))]
             for fraction in (0.50, 0.90, 0.99)
         }
         figures[f"{self._name}_count"] = len(ordered)
         return figures
-
-
-def percentile(ordered: list[float], fraction: float) -> float:
-    """The value below which ``fraction`` of ``ordered`` (sorted, non-empty) lies."""
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 @dataclasses.dataclass
