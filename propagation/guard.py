@@ -1,28 +1,18 @@
-"""What a server refuses before farm-ng-core sees it: calls off the contract, and subscriptions beyond a fair share.
+"""``PathGuard``: what a server refuses before farm-ng-core sees it.
 
 ``EventServiceGrpc`` answers whatever arrives: it decodes a request by the type its URI
 names (importing the module the sender chooses), keeps a queue for every path anyone
-subscribes to (forever), and serves any number of subscribers for as long as they stay
-connected, read or not. ``PathGuard`` is a gRPC server interceptor (grpc's public
-mechanism) that lets through only:
+subscribes to (forever), and serves any number of subscribers, read or not. This gRPC
+server interceptor (grpc's public mechanism) lets through only the requests and
+subscriptions the role's contract names, carrying its messages, and subscribers within
+their share of the slots (strangers never take a slot of the config's hosts). Anything else,
+and a call of a method the service lacks, ends with a status that says why, counted in
+``/health`` and ``/stats`` and logged once per interval.
 
-- a request/reply on a path the role serves, naming and carrying that path's message;
-- a subscription to a path the role publishes (or ``*``), within its share of the slots:
-  ``MAX_SUBSCRIBERS`` for subscribers on the hosts of the config's services (and on this
-  machine's loopback), ``STRANGER_SUBSCRIBERS`` for everyone else together, and at most
-  ``STRANGER_SUBSCRIBERS_EACH`` for any one other address. Strangers never take a slot of
-  the config's services.
-
-Anything else ends with a gRPC status that says why (``UNIMPLEMENTED``,
-``INVALID_ARGUMENT``, ``NOT_FOUND``, ``RESOURCE_EXHAUSTED``), is counted in ``/health``
-and ``/stats``, and is logged once per interval, not once per call. A method the service
-does not have at all is refused by gRPC (``UNIMPLEMENTED``) and counted here too.
-
-A subscriber that stops reading keeps its slot, at a bounded cost: farm-ng-core's queue
-of 10 events (later ones are dropped and counted, ``<path>/dropped`` in ``/health``) and
-one event waiting for HTTP/2 flow-control window. It is not ended: while an event waits
-for window, gRPC can neither send the stream's status nor reset it, so the subscriber of
-a stream ended then would be left reading a silent stream that never closes.
+A subscriber that stops reading keeps its slot, at a bounded cost (its queue, whose overflow
+is dropped and counted, and one event waiting for HTTP/2 window). It is not ended: while an
+event waits for window, gRPC can neither send the stream's status nor reset it, and the
+subscriber would be left reading a silent stream that never closes.
 """
 
 from __future__ import annotations
@@ -45,7 +35,7 @@ if TYPE_CHECKING:
 # supervisors, a monitor, a recorder, a few watchers. Each costs a queue and a copy of
 # every event.
 MAX_SUBSCRIBERS = 32
-# From any other address: a monitor or a watcher on a laptop, say; and any stranger.
+# From all other addresses together, and from each: a monitor or a watcher on a laptop, say; and any stranger.
 STRANGER_SUBSCRIBERS = 16
 STRANGER_SUBSCRIBERS_EACH = 4
 REQUEST_REPLY = "/farm_ng.core.proto.EventService/requestReply"
@@ -63,14 +53,7 @@ class PathGuard(grpc.aio.ServerInterceptor):
     """Refuses calls that the role's contract does not name, and subscriptions beyond a fair share."""
 
     def __init__(self, contract: Contract, trusted: Iterable[str] = ()) -> None:
-        """Guards a server of a role that serves ``contract``.
-
-        Args:
-            contract: What the role serves and publishes.
-            trusted: The addresses of the hosts of the config's services (``addresses_of``);
-                loopback is always among them.
-
-        """
+        """Guards a server of a role that serves ``contract``, trusting loopback and ``trusted`` (``addresses_of``)."""
         self._contract = contract
         self._trusted = LOOPBACK | frozenset(trusted)
         self._metrics = EventServiceHealthMetrics()
@@ -92,38 +75,27 @@ class PathGuard(grpc.aio.ServerInterceptor):
             self._count(REFUSED_REQUESTS, "refused %d call(s) of methods this service does not have")
             return handler
         if method == REQUEST_REPLY:
-            return grpc.unary_unary_rpc_method_handler(
-                self._guard_request(handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if method == SUBSCRIBE:
-            return grpc.unary_stream_rpc_method_handler(
-                self._guard_subscription(handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+            wrap, guarded = grpc.unary_unary_rpc_method_handler, self._guard_request(handler.unary_unary)
+        elif method == SUBSCRIBE:
+            wrap, guarded = grpc.unary_stream_rpc_method_handler, self._guard_subscription(handler.unary_stream)
+        else:
+            return handler
+        return wrap(
+            guarded, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
     def _guard_request(self, serve: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def guarded(request: RequestReplyRequest, context: grpc.aio.ServicerContext) -> Any:
             path = request.event.uri.path
-            if path not in self._contract.requests:
-                await self._refuse(
-                    context,
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    f"no request/reply path {shown(path)} here",
-                    "refused %d request(s) to paths this service does not serve",
-                )
+            kind = self._contract.requests.get(path)
+            if kind is None:
+                self._count(REFUSED_REQUESTS, "refused %d request(s) to paths this service does not serve")
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"no request/reply path {shown(path)} here")
             try:
-                check_request(path, decode(request.event, request.payload, self._contract.requests[path]))
+                check_request(path, decode(request.event, request.payload, kind))
             except WrongMessage as exc:
-                await self._refuse(
-                    context,
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    str(exc)[:200],
-                    f"refused %d request(s) on {path} without a valid {self._contract.requests[path].DESCRIPTOR.name}",
-                )
+                self._count(REFUSED_REQUESTS, f"refused %d request(s) on {path} without a valid {kind.DESCRIPTOR.name}")
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc)[:200])
             return await serve(request, context)
 
         return guarded
@@ -132,23 +104,13 @@ class PathGuard(grpc.aio.ServerInterceptor):
         async def guarded(request: SubscribeRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             path = request.uri.path
             if path != "*" and path not in self._contract.publishes:
-                await self._refuse(
-                    context,
-                    grpc.StatusCode.NOT_FOUND,
-                    f"nothing is published on {shown(path)} here",
-                    "refused %d subscription(s) to paths this service does not publish",
-                    REFUSED_SUBSCRIPTIONS,
-                )
+                self._count(REFUSED_SUBSCRIPTIONS, "refused %d subscription(s) to paths this service does not publish")
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"nothing is published on {shown(path)} here")
             address = address_of_peer(context.peer())
             full = self._full(address)
             if full:
-                await self._refuse(
-                    context,
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    full,
-                    f"refused %d subscription(s): {full}",
-                    REFUSED_SUBSCRIPTIONS,
-                )
+                self._count(REFUSED_SUBSCRIPTIONS, f"refused %d subscription(s): {full}")
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
             self._open(address, +1)
             try:
                 async for reply in serve(request, context):
@@ -179,18 +141,7 @@ class PathGuard(grpc.aio.ServerInterceptor):
                 del self._strangers[address]
         self._metrics.update_data(SUBSCRIBERS, self._trusted_subscribers + sum(self._strangers.values()))
 
-    async def _refuse(
-        self,
-        context: grpc.aio.ServicerContext,
-        code: grpc.StatusCode,
-        why: str,
-        kind: str,
-        counter: str = REFUSED_REQUESTS,
-    ) -> None:
-        """Counts a refusal, tallies its kind (a fixed text: not one line per path) and aborts."""
-        self._count(counter, kind)
-        await context.abort(code, why)
-
     def _count(self, counter: str, kind: str) -> None:
+        """Counts a refusal, and tallies its kind (a fixed text: not one log line per call)."""
         self._metrics.update_data(counter, int(self._metrics.get(counter)) + 1)
         self._tally.add(kind)

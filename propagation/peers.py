@@ -1,34 +1,25 @@
 """``PeerClient``: a client of one peer service, with farm-ng-core's ``EventClient`` calls.
 
-``request_reply(path, message, timestamps, decode)`` and ``subscribe(request, decode)``
-take what ``EventClient``'s take; what differs is underneath:
-
-- one long-lived gRPC channel (farm-ng-core 2.3.2's ``EventClient`` builds a new one for
-  every call and every received message: its ready check awaits a coroutine that
-  returns None);
-- every call bounded by ``timeout`` (``EventClient`` waits without bound for a peer
-  that is down), and sent only on a ready connection; a failed call raises
-  ``PeerUnavailable``, which says whether the peer may have had it;
-- replies and events decoded by their path (``wire``), never by the type the peer
-  names; anything else is refused and counted;
-- liveness: when nothing has come on the connection for ``LIVENESS_S`` and a
-  subscription is silent, or a call missed its deadline, the client asks the peer for
-  its URIs; if that goes unanswered too, the connection is dropped and a new one made,
-  so that a peer on a host that vanished (no reset, no FIN) is noticed in seconds, not
-  when TCP gives up, while a slow link that still delivers is left alone;
-- one log line when a peer goes, one when it is back.
-
-It is built from farm-ng-core's public pieces (its stub, ``make_proto_uri``, its stamps)
-and touches nothing private of ``EventClient``.
+``request_reply`` and ``subscribe`` take what ``EventClient``'s take, on one long-lived
+channel (farm-ng-core 2.3.2's ``EventClient`` builds one per call and per received message),
+each call bounded by ``timeout`` (``EventClient`` waits without bound for a peer that is
+down), replies and events decoded by their path (``wire``), never by the type the peer
+names. A silent subscription or a missed deadline, with nothing heard on the connection for
+``LIVENESS_S``, makes it ask the peer for its URIs; unanswered, a new connection replaces the
+old one: a host that vanished (no reset, no FIN) is noticed in seconds, not when TCP gives
+up, and a slow link that still delivers is left alone. Why: docs/farm-ng-core-workarounds.md
+and docs/networks.md. It uses farm-ng-core's public pieces only (stub, URIs, stamps).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from typing import TYPE_CHECKING, Any, AsyncIterator, Sequence
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator, Sequence
 
 import grpc
 from farm_ng.core.event_pb2 import Event
@@ -38,7 +29,7 @@ from farm_ng.core.stamp import StampSemantics, get_monotonic_now, get_system_clo
 from farm_ng.core.uri import make_proto_uri
 
 from propagation.logs import Tally
-from propagation.network import MAX_MESSAGE_BYTES, grpc_address, is_loopback
+from propagation.network import MAX_MESSAGE_BYTES, grpc_address
 from propagation.wire import PUBLISHED, REPLIES, WrongMessage, decode, shown
 
 if TYPE_CHECKING:
@@ -68,11 +59,10 @@ REFUSALS = frozenset(
 )
 
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    # gRPC's reconnect backoff grows to 120 s by default: a peer back after a minute
-    # would go unnoticed for tens of seconds. Capped at 1 s, one connection attempt a
-    # second while it is down. The "min" backoff is in fact the connect timeout (20 s by
-    # default): 1 s gives up on a peer whose host vanished, and leaves a slow link time
-    # for its handshake.
+    # gRPC's reconnect backoff grows to 120 s by default: a peer back after a minute would
+    # go unnoticed for tens of seconds; capped at 1 s, one attempt a second while it is down.
+    # The "min" backoff is in fact the connect timeout (20 s by default): 1 s gives up on a
+    # vanished host, and leaves a slow link time for its handshake.
     ("grpc.initial_reconnect_backoff_ms", 250),
     ("grpc.min_reconnect_backoff_ms", 1_000),
     ("grpc.max_reconnect_backoff_ms", 1_000),
@@ -83,32 +73,19 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.use_local_subchannel_pool", 1),
 )
 
-
-# For a stream that must stay fresh (a supervisor reading an agent's samples): the
-# receiver lets at most about 1 kB run ahead of what it has read. With gRPC's default
-# (a window that grows to 4 MB) a thin link fills with seconds of samples that are stale
-# by the time they arrive; with this the sender's queue fills instead and drops what does
-# not fit (counted in its /health). Honoured from grpcio 1.74 on.
-FRESH_STREAM_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 1024),
-)
-
-
-def fresh_stream_options(config: EventServiceConfig) -> list[tuple[str, Any]]:
-    """Channel options for a stream that must stay fresh from this peer.
-
-    ``FRESH_STREAM_OPTIONS`` unless the peer is on loopback: there no link is thin, and a
-    small window would cap how fast one stream can go (about 1,200 samples a second).
-    """
-    return [] if is_loopback(config.host) else list(FRESH_STREAM_OPTIONS)
+# For a stream that must stay fresh (a supervisor reading an agent's samples): at most about
+# 1 kB runs ahead of what the receiver has read. With gRPC's window (it grows to 4 MB) a thin
+# link fills with seconds of samples, stale when they arrive; with this the sender's queue
+# fills and drops instead (counted in its /health). Honoured from grpcio 1.74 on. Not on
+# loopback: no link is thin there, and so small a window caps a stream at ~1,200 samples/s.
+FRESH_STREAM_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
 
 
 class PeerUnavailable(Exception):
     """A call to a peer failed: it is down, restarting, or did not answer in time.
 
-    ``sent`` says whether the peer may have had the call: it left on a connection that was
-    ready, and no valid reply came back. A call that never found a connection did not.
+    ``sent``: whether the peer may have had the call (it left on a ready connection and no
+    valid reply came back); a call that found no ready connection never left.
     """
 
     def __init__(self, peer: str, sent: bool = False) -> None:
@@ -163,35 +140,22 @@ class PeerClient:
         timeout: float = CALL_TIMEOUT_S,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        """Initializes the client; it connects on first use.
+        """A client of the peer of ``config``, for the service ``owner`` (in its log lines); it connects on first use.
 
-        Args:
-            config: The peer's entry in the config.
-            owner: The name of the service that uses this client, for its log lines.
-            timeout: Seconds each call may take.
-            channel_options: gRPC channel options besides ``CHANNEL_OPTIONS``.
-
+        Each call may take ``timeout`` seconds; ``channel_options`` come besides ``CHANNEL_OPTIONS``.
         """
         self.config = config
         self.timeout = timeout
+        self.server_address = grpc_address(config.host, config.port)  # as gRPC reads it
         self._log = logging.getLogger(owner)
         self._tally = Tally(self._log)
         self._options = [*CHANNEL_OPTIONS, *channel_options]
         self._connection: _Connection | None = None
-        self._sequences: dict[str, int] = {}
-        self._reachable: bool | None = None  # None until the first call tells
+        # As EventClient's: a request's sequence counts the calls on its path.
+        self._sequences: defaultdict[str, Iterator[int]] = defaultdict(itertools.count)
+        self.reachable: bool | None = None  # whether the last call reached the peer; None before the first
         self._ever_reached = False
         self.refused = 0  # replies and events not of their path's type
-
-    @property
-    def server_address(self) -> str:
-        """The peer's address as gRPC reads it (an IPv6 address in brackets)."""
-        return grpc_address(self.config.host, self.config.port)
-
-    @property
-    def reachable(self) -> bool | None:
-        """Whether the last call reached the peer; None before the first call."""
-        return self._reachable
 
     def _current(self) -> _Connection:
         if self._connection is None:
@@ -210,60 +174,43 @@ class PeerClient:
         if connection is not None:
             await connection.channel.close(None)
 
-    # -----------------------------------------------------------------------------
-    # Calls
-
     async def request_reply(
-        self,
-        path: str,
-        message: Message,
-        timestamps: list[Timestamp] | None = None,
-        decode: bool = False,
+        self, path: str, message: Message, timestamps: list[Timestamp] | None = None, decode: bool = False
     ) -> RequestReplyReply | Message:
-        """Sends a request and returns the reply, within ``timeout`` seconds.
-
-        Args:
-            path: The request's path, e.g. ``/update_storage``.
-            message: The request's message.
-            timestamps: Extra timestamps to carry in the request's event.
-            decode: Return the reply's message, decoded as its path's reply type,
-                instead of the raw ``RequestReplyReply``.
+        """Sends a request (with extra ``timestamps``) and returns the reply (with ``decode``, its message).
 
         Raises:
-            PeerUnavailable: the peer is down, did not answer in time, or replied with
+            PeerUnavailable: the peer is down, did not answer within ``timeout``, or replied with
                 a message its path does not carry.
 
         """
-        # As EventClient does: the request's sequence counts the calls on its path.
-        sequence = self._sequences.get(path, 0)
-        self._sequences[path] = sequence + 1
         stamps = list(timestamps or [])
         stamps.append(get_monotonic_now(semantics=StampSemantics.CLIENT_SEND))
         stamps.append(get_system_clock_now(semantics=StampSemantics.CLIENT_SEND))
         uri = make_proto_uri(path=path, message=message)
         uri.query += f"&service_name={self.config.name}"
         payload = message.SerializeToString()
-        request = RequestReplyRequest(
-            event=Event(uri=uri, timestamps=stamps, payload_length=len(payload), sequence=sequence),
-            payload=payload,
-        )
+        event = Event(uri=uri, timestamps=stamps, payload_length=len(payload), sequence=next(self._sequences[path]))
         connection = self._current()
         deadline = asyncio.get_running_loop().time() + self.timeout
         async with connection.call() as stub:
             # A call leaves only on a ready connection: one that failed before is known not to have.
-            if not await self._connected(connection, self.timeout):
+            if not await self._connected(connection):
                 raise PeerUnavailable(self.config.name)
             try:
                 reply: RequestReplyReply = await stub.requestReply(
-                    request, timeout=max(0.0, deadline - asyncio.get_running_loop().time())
+                    RequestReplyRequest(event=event, payload=payload),
+                    timeout=max(0.0, deadline - asyncio.get_running_loop().time()),
                 )
             except grpc.aio.AioRpcError as exc:
-                failure = exc
-            else:
-                failure = None
-        if failure is not None:
-            await self._call_failed(failure, connection)
-            raise PeerUnavailable(self.config.name, sent=True)
+                # A missed deadline: packets may be vanishing, or the link is slow. If nothing came
+                # on the connection lately and the peer does not answer a probe, a new one replaces
+                # it (calls would queue behind the dead one). One already replaced may be closed.
+                if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+                    self._mark_down(connection, _rpc_reason(exc))
+                elif connection is self._connection and not connection.lively():
+                    await self._answers(connection, _rpc_reason(exc))
+                raise PeerUnavailable(self.config.name, sent=True) from None
         connection.heard = time.monotonic()
         self._mark_up(connection)
         reply.event.timestamps.append(get_monotonic_now(semantics=StampSemantics.CLIENT_RECEIVE))
@@ -275,12 +222,7 @@ class PeerClient:
             raise PeerUnavailable(self.config.name, sent=True) from None
 
     def decode_reply(self, path: str, reply: RequestReplyReply) -> Message:
-        """The message of a reply to ``path``, decoded as that path's reply type.
-
-        Raises:
-            WrongMessage: the reply is not of a type ``path`` replies with (counted).
-
-        """
+        """The message of a reply to ``path``, decoded as its path's reply type; ``WrongMessage`` (counted) if not."""
         try:
             return decode(reply.event, reply.payload, REPLIES.get(path, ()))
         except WrongMessage as exc:
@@ -288,9 +230,7 @@ class PeerClient:
             raise
 
     async def subscribe(
-        self,
-        request: SubscribeRequest,
-        decode: bool = True,
+        self, request: SubscribeRequest, decode: bool = True
     ) -> AsyncIterator[tuple[Event, Message | bytes]]:
         """Yields the events of one path, across the peer's restarts, until cancelled.
 
@@ -302,7 +242,7 @@ class PeerClient:
             connection = self._current()
             pause = RESUBSCRIBE_PAUSE_S
             async with connection.call() as stub:
-                if not await self._connected(connection, self.timeout):
+                if not await self._connected(connection):
                     continue
                 call = stub.subscribe(request)
                 first = True
@@ -326,12 +266,12 @@ class PeerClient:
             # Outside the call: a connection retired meanwhile closes without waiting for it.
             await asyncio.sleep(pause)
 
-    async def _connected(self, connection: _Connection, timeout: float) -> bool:
+    async def _connected(self, connection: _Connection) -> bool:
         """Whether ``connection`` is ready, or gets ready within ``timeout``; if not, the peer is down."""
         if connection.channel.get_state(try_to_connect=True) == grpc.ChannelConnectivity.READY:
             return True
         try:
-            await asyncio.wait_for(connection.channel.channel_ready(), timeout)
+            await asyncio.wait_for(connection.channel.channel_ready(), self.timeout)
         except asyncio.TimeoutError:
             self._mark_down(connection, "no connection")
             return False
@@ -342,9 +282,8 @@ class PeerClient:
     async def _next_reply(self, call: Any, connection: _Connection) -> Any:
         """The stream's next reply; None if it ended or the peer no longer answers.
 
-        A subscription may be silent for good reasons (a paused agent publishes no
-        samples): silence, with nothing else coming on the connection either, makes the
-        client check that the peer answers at all, on the same connection.
+        A subscription may be silent for good reasons (a paused agent publishes nothing): only
+        silence on the whole connection makes the client check that the peer answers at all.
         """
         reading = asyncio.ensure_future(call.read())
         try:
@@ -356,50 +295,36 @@ class PeerClient:
                     return None if reply is grpc.aio.EOF else reply
                 if connection.lively():
                     continue
-                if not await self.probe(connection):
-                    self._mark_down(connection, "no answer")
-                    await self._replace(connection)
+                if not await self._answers(connection, "no answer"):
                     return None
                 self._mark_up(connection)  # silent, but it answers
         finally:
             reading.cancel()
 
-    async def probe(self, connection: _Connection | None = None) -> bool:
-        """Whether the peer answers a ``listUris`` within ``PROBE_TIMEOUT_S``, on ``connection``."""
-        connection = connection or self._current()
+    async def _answers(self, connection: _Connection, why: str) -> bool:
+        """Whether the peer answers a ``listUris`` on ``connection`` in time; if not, it is down and is reconnected."""
         try:
             async with connection.call() as stub:
                 await stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel was closed
+            self._mark_down(connection, why)
+            await self._replace(connection)
             return False
         connection.heard = time.monotonic()
         return True
 
-    async def _call_failed(self, exc: grpc.aio.AioRpcError, connection: _Connection) -> None:
-        # A missed deadline on a connection that looks fine: packets may be vanishing, or
-        # the link is slow. If nothing came on it lately and the peer does not answer a
-        # probe, a new connection replaces it (calls would otherwise queue behind the dead
-        # one); while things arrive, however slowly, it is live. One already replaced (by
-        # another call that failed first) may be closed: nothing to check.
-        if exc.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
-            self._mark_down(connection, _rpc_reason(exc))
-        elif connection is self._connection and not connection.lively() and not await self.probe(connection):
-            self._mark_down(connection, _rpc_reason(exc))
-            await self._replace(connection)
-
     def _decode_event(self, reply: Any) -> Message | bytes | None:
-        path = reply.event.uri.path
-        kind = PUBLISHED.get(path)
+        kind = PUBLISHED.get(reply.event.uri.path)
         if kind is None:
             return reply.payload  # a path of another program: its bytes
         try:
             return decode(reply.event, reply.payload, kind)
         except WrongMessage as exc:
-            self._refuse(f"events of {path}", exc)
+            self._refuse(f"events of {reply.event.uri.path}", exc)
             return None
 
     def _refused_subscription(self, request: SubscribeRequest, exc: grpc.aio.AioRpcError) -> None:
-        code = exc.code().name if exc.code() is not None else "refused"
+        code = exc.code().name  # one of REFUSALS
         self._tally.add(f"{self.config.name}: %d subscription(s) to {shown(request.uri.path)} refused ({code})")
         self._log.debug("%s: %s", self.config.name, exc.details())
 
@@ -408,32 +333,22 @@ class PeerClient:
         self._tally.add(f"{self.config.name}: refused %d {what} that were not of their path's type")
         self._log.debug("%s: %s", self.config.name, exc)
 
-    def refuse_reply(self, path: str, why: str) -> None:
-        """Counts a reply of the right type whose content the caller could not take as it is."""
-        self.refused += 1
-        self._tally.add(f"{self.config.name}: refused %d replies to {path} out of range")
-        self._log.debug("%s: %s", self.config.name, why)
-
-    # -----------------------------------------------------------------------------
-    # Up and down
+    # Up and down: only the current connection tells, not a retired one (an old call that
+    # ends after a heal, say).
 
     def _mark_up(self, connection: _Connection) -> None:
-        """Records that the peer answered on ``connection``; says so if it had been down.
-
-        What a retired connection says is old news (an old call that ends after a heal,
-        say): only the current one tells whether the peer is up or down.
-        """
-        if connection is not self._connection or self._reachable:
+        """Records that the peer answered on ``connection``; says so if it had been down."""
+        if connection is not self._connection or self.reachable:
             return
         again = "is back" if self._ever_reached else "is up"
         self._log.info("%s %s at %s", self.config.name, again, self.server_address)
-        self._reachable = self._ever_reached = True
+        self.reachable = self._ever_reached = True
 
     def _mark_down(self, connection: _Connection, why: str) -> None:
         """Records a failed call on ``connection``; says so once per outage."""
-        if connection is not self._connection or self._reachable is False:
+        if connection is not self._connection or self.reachable is False:
             return
-        self._reachable = False
+        self.reachable = False
         if self._ever_reached:
             self._log.warning("%s is unreachable at %s (%s); retrying", self.config.name, self.server_address, why)
         else:  # not started yet: services may start in any order

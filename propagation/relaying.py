@@ -1,12 +1,6 @@
-"""What a supervisor's round trip (``Supervisor.relay`` and ``tell_agent``) stands on.
+"""What a supervisor's round trip (``Supervisor.store``, then ``Supervisor.tell``) stands on.
 
-- ``SampleQueue``: samples above confidence wait, bounded, for one of ``max_in_flight``
-  relays, which take what has queued in one batch.
-- ``store_outcome``: what storage's reply to a store says, checked.
-- ``AgentLink``: one supervised agent: its client, its subscription, its ``Outbox`` (one
-  call to it at a time, the newest residual next).
-- ``Freshness``: a sample that spent too long on the way (a thin link) is not relayed.
-- ``SupervisorCounts``: what it counts, so that every sample ends in one count.
+Why each part is as it is: docs/design.md, "Relays, batches and freshness".
 """
 
 from __future__ import annotations
@@ -24,12 +18,12 @@ from propagation import wire
 from propagation.config import service_name_in
 from propagation.logs import Tally
 from propagation.network import is_loopback
-from propagation.peers import PeerClient, fresh_stream_options
+from propagation.peers import FRESH_STREAM_OPTIONS, PeerClient
 from propagation.residuals import Outbox
 
 if TYPE_CHECKING:
     from farm_ng.core.event_pb2 import Event
-    from farm_ng.core.event_service_pb2 import SubscribeRequest
+    from farm_ng.core.event_service_pb2 import EventServiceConfig, SubscribeRequest
     from google.protobuf.message import Message
 
     from propagation.cli import ServiceSpec
@@ -42,12 +36,9 @@ MAX_PENDING = 64
 class SupervisorCounts:
     """What a supervisor counts for ``/stats``.
 
-    Every sample above confidence ends in exactly one of ``stored``, ``refused`` (storage
-    was full), ``not_stored`` (storage could not be reached: the call never left),
-    ``unconfirmed`` (the call left but no valid reply came: storage may or may not have
-    stored it), ``dropped`` (the supervisor was overloaded) or ``too_old``. So at any
-    quiet moment storage's ``accepted + refused`` lies between this supervisor's
-    ``stored + refused`` and ``stored + refused + unconfirmed``, summed over supervisors.
+    Every sample above confidence ends in exactly one of ``stored``, ``refused`` (storage was
+    full), ``not_stored`` (the call never left), ``unconfirmed`` (it left, no valid reply
+    came), ``dropped`` (the supervisor was overloaded) or ``too_old`` (docs/design.md).
     """
 
     received: int = 0
@@ -71,28 +62,28 @@ class SupervisorCounts:
 class AgentLink:
     """One supervised agent: its client, its subscription, its freshness, and its ``Outbox``."""
 
-    def __init__(self, agent: PeerClient, subscription: SubscribeRequest) -> None:
-        self.agent = agent
+    def __init__(self, agent: EventServiceConfig, subscription: SubscribeRequest, owner: str) -> None:
+        # Decided once per agent: on loopback no link is thin (see FRESH_STREAM_OPTIONS).
+        loopback = is_loopback(agent.host)
+        self.agent = PeerClient(agent, owner, channel_options=() if loopback else FRESH_STREAM_OPTIONS)
         self.subscription = subscription
-        self.name = agent.config.name
-        self.freshness = Freshness(applies=not is_loopback(agent.config.host))
+        self.name = agent.name
+        self.freshness = Freshness(applies=not loopback)
         self.outbox = Outbox()
 
     @classmethod
     def of_subscriptions(cls, spec: ServiceSpec[Any], owner: str) -> dict[str, AgentLink]:
         """A link to each agent of the supervisor's ``subscriptions``, by name; ``owner`` names it in log lines."""
-        links = {}
-        for subscription in spec.config.subscriptions:
-            agent = spec.config_of(service_name_in(subscription.uri.query) or "")
-            links[agent.name] = cls(PeerClient(agent, owner, channel_options=fresh_stream_options(agent)), subscription)
-        return links
+        subscriptions = spec.config.subscriptions
+        links = (cls(spec.config_of(service_name_in(each.uri.query) or ""), each, owner) for each in subscriptions)
+        return {link.name: link for link in links}
 
 
 class SampleQueue:
     """Samples above confidence waiting for a relay: at most ``MAX_PENDING``, taken in batches.
 
-    A full queue means the supervisor is overloaded: a further sample is counted as dropped,
-    since a longer queue would only make the residuals it relays older.
+    A full queue means the supervisor is overloaded: a longer one would only make the
+    residuals it relays older, so a further sample is counted as dropped.
     """
 
     def __init__(self, max_batch: int, counts: SupervisorCounts, log: logging.Logger) -> None:
@@ -124,13 +115,8 @@ class SampleQueue:
 def store_outcome(path: str, reply: Message, event: Event, items: int) -> tuple[int, int]:
     """How many of ``items`` storage stored, and the residual after them, from its reply to ``path``.
 
-    ``/update_storage`` replies the residual, stamped when it refused; ``/update_storage_batch``
-    a ``Struct``. A residual below 0 (farm-ng's original storage counts on past its maximum)
-    comes back as it is: the caller takes it as no room.
-
-    Raises:
-        WrongMessage: the reply does not fit the call.
-
+    A residual below 0 (farm-ng's original storage counts on past its maximum) comes back as
+    it is: the caller takes it as no room. ``WrongMessage`` if the reply does not fit the call.
     """
     if path == "/update_storage":
         return (0 if wire.find_stamp(event, wire.STORE_REFUSED) else 1), reply.value  # type: ignore[attr-defined]
@@ -141,13 +127,7 @@ def store_outcome(path: str, reply: Message, event: Event, items: int) -> tuple[
 
 
 def batch_result(result: Struct, items: int) -> tuple[int, int]:
-    """How many of ``items`` storage stored, and the residual after them, from its reply.
-
-    Raises:
-        WrongMessage: the reply does not hold two whole numbers that fit a batch of
-            ``items`` and an ``Int32Value`` residual.
-
-    """
+    """How many of ``items`` storage stored, and the residual after, from a batch reply (``WrongMessage`` if unfit)."""
     numbers = [result[key] if key in result else None for key in ("stored", "residual")]  # noqa: SIM401 (Struct has no get)
     if not all(isinstance(number, float) and number.is_integer() for number in numbers):
         msg = f"a batch reply needs whole numbers 'stored' and 'residual', not {numbers}"
@@ -171,10 +151,9 @@ def batch_residuals(stored: int, residual: int, items: int) -> list[int]:
 class Freshness:
     """Whether a sample waited too long on the way to relay (docs/design.md, "freshness").
 
-    Its delay (arrival on this host's clock minus sending on the agent's) is compared with
-    the smallest of the last ``WINDOW_S``: the clocks' offset cancels, and what is left is
-    how long it waited in some buffer. The reference starts again with a new agent process
-    (its sequence numbers start again). An agent on loopback is never judged
+    Its delay (arrival here minus sending on the agent's clock) is compared with the smallest
+    of the last ``WINDOW_S``: the clocks' offset cancels. A new agent process (its sequence
+    starts again) starts a new reference. An agent on loopback is not judged
     (``applies=False``): a stall of this machine is not a thin link.
     """
 
@@ -191,7 +170,7 @@ class Freshness:
         """Whether ``event`` waited more than ``MAX_AGE_S`` longer than the best recent sample."""
         if not self._applies:
             return False
-        sent = wire.sent_at(event)
+        sent = get_stamp_by_semantics_and_clock_type(event, StampSemantics.SERVICE_SEND, "monotonic")
         received = get_stamp_by_semantics_and_clock_type(event, StampSemantics.CLIENT_RECEIVE, "monotonic")
         if sent is None or received is None:
             return False

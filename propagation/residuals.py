@@ -1,11 +1,10 @@
-"""When an agent publishes: one rule, made of levels re-asserted on a period.
+"""When an agent publishes: one rule, made of levels re-asserted on a period (docs/design.md).
 
 Storage re-asserts its residual (``DrainTicks``, ``ResidualClock``), each agent whether it is
-paused, and a supervisor forwards storage's room to each agent that may be paused
-(``Outbox``, ``PauseView``); an agent applies the newest residual (``ResidualFilter``). So
-an agent resumes within ``resume_bound(drain_period)`` of storage having room, whatever was
-lost, delayed, reordered or restarted before: docs/design.md states the rule and the
-argument, tests/test_liveness.py checks it.
+paused, a supervisor forwards storage's room to each agent that may be paused (``Outbox``,
+``PauseView``), an agent applies the newest residual (``ResidualFilter``). So an agent resumes
+within ``resume_bound(drain_period)`` of storage having room, whatever was lost, delayed,
+reordered or restarted before (tests/test_liveness.py checks it).
 """
 
 from __future__ import annotations
@@ -45,8 +44,8 @@ def resume_bound(drain_period: float) -> float:
 class ResidualClock:
     """Storage's stamps on residuals: when each was true, in an order that survives restarts.
 
-    The host's monotonic clock, named ``host/monotonic#<start>-<random>``, where ``<start>``
-    is when this storage started, in nanoseconds of the system clock (``order_key``).
+    The host's monotonic clock, named ``host/monotonic#<start>-<random>``: ``<start>`` is when
+    this storage started, in nanoseconds of the system clock (``order_key``).
     """
 
     def __init__(self, host_clock: str | None = None, started_ns: int | None = None) -> None:
@@ -61,10 +60,9 @@ class ResidualClock:
 
 
 class DrainTicks:
-    """Storage's beat: each tick (every ``drain_period``) it drains a batch if it holds one.
+    """Storage's beat: each ``drain_period`` it drains a batch if it holds one, then publishes its residual.
 
-    It publishes its residual after each drain, and on the ticks in between at least every
-    ``reassert_period``.
+    Without a drain, it publishes the residual at least every ``reassert_period``.
     """
 
     def __init__(self, drain_period: float, batch_size: int) -> None:
@@ -83,10 +81,7 @@ class DrainTicks:
 
 
 def order_key(stamp: Timestamp) -> tuple[int, str, float]:
-    """Where a residual stands among others: incarnation start, incarnation, time.
-
-    A clock name without a start (another program's, or a forged one) sorts first.
-    """
+    """Where a residual stands: incarnation start (a name without one, as a forged one, first), incarnation, time."""
     incarnation = stamp.clock_name.partition("#")[2]
     start = incarnation.partition("-")[0]
     return (int(start) if start.isdigit() and len(start) < 30 else 0, incarnation, stamp.stamp)
@@ -100,13 +95,11 @@ def same_host_clock(stamp: Timestamp, local_clock: str) -> bool:
 class ResidualFilter:
     """Which residuals an agent applies: the newest of storage's, never one from the future.
 
-    Calls from several supervisors can overtake each other: an older residual that arrives
-    after a newer one was applied is stale, and skipped. Staleness lasts ``WINDOW_S`` from
-    the last applied residual, longer than any residual spends on its way (at most a call
-    to storage and one to the agent, 1 s each): after that any residual applies, so that a
-    forged stamp from the future of storage's clock blocks real ones for that long at most.
-    A residual stamped later than now on this host's own clock is refused: no storage wrote
-    it. One without a stamp (farm-ng's original supervisor) always applies.
+    Calls can overtake each other: one older than the last applied is stale, but only within
+    ``WINDOW_S`` of it, longer than any residual is on its way (a call to storage and one to
+    the agent, 1 s each), so that a forged stamp from storage's future blocks real ones that
+    long at most. One stamped later than now on this host's own clock is refused: no storage
+    wrote it. One without a stamp (farm-ng's original supervisor) always applies.
     """
 
     WINDOW_S = 2.0
@@ -120,10 +113,7 @@ class ResidualFilter:
         self._last_applied = 0.0
 
     def verdict(self, stamp: Timestamp | None, now: float) -> str:
-        """``"apply"``, ``"stale"`` or ``"future"`` for a residual arriving at ``now`` (monotonic).
-
-        An applied one becomes the newest.
-        """
+        """``"apply"`` (it becomes the newest), ``"stale"`` or ``"future"`` for a residual arriving at ``now``."""
         if stamp is None:
             return "apply"
         if same_host_clock(stamp, self.local_clock) and stamp.stamp > now + self.FUTURE_TOLERANCE_S:
@@ -136,10 +126,9 @@ class ResidualFilter:
 
 
 class PauseView:
-    """What a supervisor knows of whether one of its agents is paused.
+    """Whether an agent may be paused: its own word (``/pauses``), or else the last residual delivered to it.
 
-    The agent's own word (its ``/pauses``) when it gives one; for an agent that never does
-    (farm-ng's original), the last residual delivered to it, which it applies as it comes.
+    An agent that never says (farm-ng's original) applies residuals as they come.
     """
 
     def __init__(self) -> None:
@@ -156,13 +145,11 @@ class PauseView:
 class Outbox:
     """What a supervisor has to tell one agent: a few calls at a time, the newest residual next.
 
-    An agent needs the room left now, not each step on the way: a residual that comes while
-    the agent's calls are all under way waits, and a newer one replaces it (``superseded``
-    counts those). So a slow or silent agent holds ``MAX_CALLS`` calls at most, never its
-    siblings' turn; and on a slow link the calls overlap, so that a residual need not wait
-    for the reply to the one before. An agent that never says whether it is paused
-    (farm-ng's original, which applies residuals as they come) gets one call at a time: the
-    last residual delivered to it is then the one it applied last.
+    A residual that comes while the agent's calls are all under way waits, and a newer one
+    replaces it (``superseded``): an agent needs the room left now. A slow agent holds
+    ``MAX_CALLS`` calls at most, never its siblings' turn, and on a slow link a residual need
+    not wait for the reply to the one before. An agent that never says whether it is paused
+    (farm-ng's original) gets one call at a time: the last delivered is the last it applied.
     """
 
     MAX_CALLS = 4

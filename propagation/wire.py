@@ -1,13 +1,10 @@
 """The example's wire: each path with the one message it carries, and the extra timestamps.
 
-farm-ng-core names a message's type in the event's URI query (``type=...&pb=...``) and,
-asked to decode, imports the module the query names and calls the attribute it names:
-the sender chooses what code runs. This example decodes by the path instead, with the
-table below, and refuses what does not match it (``guard`` on the server side, ``peers``
-on the client side).
-
-The extra ``Timestamp``s travel beside farm-ng-core's own on the events; a program that
-knows only the original contract ignores them.
+farm-ng-core decodes a message by the type its event's URI names (``type=...&pb=...``): it
+imports the module the query names and calls the attribute it names, so the sender chooses
+what code runs. This example decodes by the path instead, with the tables below, and refuses
+what does not match (``guard`` for servers, ``peers`` for clients). The extra ``Timestamp``s
+travel beside farm-ng-core's own; a program that knows only the original contract ignores them.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Mapping
 
-from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
+from farm_ng.core.stamp import StampSemantics
 from farm_ng.core.timestamp_pb2 import Timestamp
 from farm_ng.core.uri import uri_query_to_dict
 from google.protobuf.empty_pb2 import Empty
@@ -31,13 +28,8 @@ INT32_MAX = 2**31 - 1
 # The count an /update_storage_batch may carry: at most a supervisor's max_batch.
 MAX_BATCH = 256
 
-# What each request/reply path carries in, and what its reply may be. A storage that
-# does not know /update_storage_batch (farm-ng's original) replies Empty.
-REQUESTS: Mapping[str, type[Message]] = {
-    "/update_residual": Int32Value,
-    "/update_storage": Empty,
-    "/update_storage_batch": Int32Value,
-}
+# What each request/reply path may reply. A storage that does not know
+# /update_storage_batch (farm-ng's original) replies Empty.
 REPLIES: Mapping[str, tuple[type[Message], ...]] = {
     "/update_residual": (Empty,),
     "/update_storage": (Int32Value,),
@@ -57,21 +49,16 @@ PUBLISHED: Mapping[str, type[Message]] = {
 
 @dataclasses.dataclass(frozen=True)
 class Contract:
-    """What one role serves: each request/reply path with its message, and the paths it publishes."""
+    """What one role serves: each request/reply path with the message it carries in, and the paths it publishes."""
 
     requests: Mapping[str, type[Message]]
     publishes: tuple[str, ...]
 
 
-def serving(*paths: str) -> Mapping[str, type[Message]]:
-    """The request/reply paths a role answers, with the message each carries in."""
-    return {path: REQUESTS[path] for path in paths}
-
-
-AGENT = Contract(requests=serving("/update_residual"), publishes=("/sample", "/pauses", "/stats", "/health"))
+AGENT = Contract(requests={"/update_residual": Int32Value}, publishes=("/sample", "/pauses", "/stats", "/health"))
 SUPERVISOR = Contract(requests={}, publishes=("/stats", "/health"))
 STORAGE = Contract(
-    requests=serving("/update_storage", "/update_storage_batch"),
+    requests={"/update_storage": Empty, "/update_storage_batch": Int32Value},
     publishes=("/residual", "/level", "/stats", "/health"),
 )
 
@@ -83,16 +70,19 @@ class WrongMessage(ValueError):
 def decode(event: Event, payload: bytes, expected: tuple[type[Message], ...] | type[Message]) -> Message:
     """Decodes a payload as the type its path carries, checking what the event says it is.
 
-    The event's ``type=`` must name one of ``expected``: a payload decodes as almost any
-    message (an ``Empty``'s empty payload is a valid ``Int32Value`` 0), so the type the
-    sender named is checked, but never imported.
+    The event's ``type=`` must name one of ``expected``, since a payload decodes as almost any
+    message (an ``Empty``'s is a valid ``Int32Value`` 0); it is checked, never imported.
 
     Raises:
         WrongMessage: the event names another type, or the payload does not parse.
 
     """
     kinds = expected if isinstance(expected, tuple) else (expected,)
-    named, file = _named_type(event)
+    try:  # the type and the .proto file a protobuf event names
+        query = uri_query_to_dict(event.uri) if event.uri.scheme == "protobuf" else {}
+    except ValueError:  # a query part without "="
+        query = {}
+    named, file = query.get("type", ""), query.get("pb", "")
     for kind in kinds:
         if named == kind.DESCRIPTOR.full_name:
             if file != kind.DESCRIPTOR.file.name:
@@ -111,12 +101,7 @@ def decode(event: Event, payload: bytes, expected: tuple[type[Message], ...] | t
 
 
 def check_request(path: str, message: Message) -> None:
-    """Checks what a request carries against its path's range: a batch stores 1 to ``MAX_BATCH``.
-
-    Raises:
-        WrongMessage: it is off the range.
-
-    """
+    """Raises ``WrongMessage`` if a request's message is off its path's range: a batch stores 1 to ``MAX_BATCH``."""
     if path == "/update_storage_batch" and not 1 <= message.value <= MAX_BATCH:  # type: ignore[attr-defined]
         msg = f"a batch of {message.value} is off 1..{MAX_BATCH}"  # type: ignore[attr-defined]
         raise WrongMessage(msg)
@@ -124,21 +109,8 @@ def check_request(path: str, message: Message) -> None:
 
 def sample_value(sample: Message | bytes) -> float | None:
     """The number a ``/sample`` ``Struct`` carries as ``"sample"``; None if it has none."""
-    if not isinstance(sample, Struct) or "sample" not in sample:
-        return None
-    value = sample["sample"]
+    value = sample["sample"] if isinstance(sample, Struct) and "sample" in sample else None
     return value if isinstance(value, float) else None
-
-
-def _named_type(event: Event) -> tuple[str, str]:
-    """The type and the .proto file (``type=``, ``pb=``) a protobuf event names; empty if none."""
-    if event.uri.scheme != "protobuf":
-        return "", ""
-    try:
-        query = uri_query_to_dict(event.uri)
-    except ValueError:  # a query part without "="
-        return "", ""
-    return query.get("type", ""), query.get("pb", "")
 
 
 def shown(text: str, limit: int = 40) -> str:
@@ -146,7 +118,6 @@ def shown(text: str, limit: int = 40) -> str:
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
-# ---------------------------------------------------------------------------------
 # The extra timestamps
 
 # On a residual: when storage computed it, on its clock of this incarnation
@@ -160,15 +131,7 @@ STORE_REFUSED = "storage/refused"
 
 def find_stamp(event: Event, semantics: str) -> Timestamp | None:
     """Returns the event's first timestamp with these semantics, if any."""
-    for stamp in event.timestamps:
-        if stamp.semantics == semantics:
-            return stamp
-    return None
-
-
-def sent_at(event: Event) -> float | None:
-    """When an event was sent, on its sender's monotonic clock (farm-ng-core's send stamp)."""
-    return get_stamp_by_semantics_and_clock_type(event, StampSemantics.SERVICE_SEND, "monotonic")
+    return next((stamp for stamp in event.timestamps if stamp.semantics == semantics), None)
 
 
 def residual_stamps(reply_event: Event, sample_event: Event | None = None) -> list[Timestamp]:
