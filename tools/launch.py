@@ -3,9 +3,9 @@
     python -m tools.launch [--service-config service_config.json] [--restart] [--monitor [LOG]]
 
 ``./run.sh`` runs it in ``.venv``. What it prints, when it ends and its exit code: the
-README's Quick start and "Restarts and outages". Its output goes through a bounded queue to
-a writer thread: when the terminal stalls (``| less``, Ctrl-S) lines are dropped and
-counted, and it keeps reading every service's output, so that no service waits on a full pipe.
+README's Quick start and "Restarts and outages". Its output goes through ``LogOutput``
+(dropped and counted while the terminal stalls), and it keeps reading every service's
+output, so that no service waits on a full pipe.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from tools import processes
 FAST_FAILURE_S = 10.0
 MAX_FAST_FAILURES = 3
 RESTART_DELAY_S = 1.0
-LISTEN_POLL_S = 0.1
 
 
 class Service:
@@ -43,27 +42,24 @@ class Service:
         self.entry = entry
         self.name = entry.name
         self.argv = processes.service_argv(config_path, entry)
+        self.command = f"python {Path(self.argv[1]).name} {' '.join(self.argv[2:])}"  # as typed in the repo's folder
         self._out = out
         self._serving = processes.serving_line(entry.name)
         self.process: asyncio.subprocess.Process | None = None
-        self.ready = asyncio.Event()
+        self.ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()  # since when it serves
         self.ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.served_at = 0.0
         self.cause = ""  # its last error line
         self._listening: asyncio.Future[None] | None = None
 
-    def command(self) -> str:
-        """The command line that starts it, as typed in the repo's folder."""
-        return f"python {Path(self.argv[1]).name} {' '.join(self.argv[2:])}"
-
-    async def start(self) -> None:
-        """Starts a process; ``ready`` is set once it serves, ``ended`` once it exited and its output is read."""
-        self.ready.clear()
+    async def start(self) -> asyncio.subprocess.Process:
+        """Starts a process; ``ready`` is done once it serves, ``ended`` once it exited and its output is read."""
+        self.ready = asyncio.get_running_loop().create_future()
         self.cause = ""
         self.process = await processes.spawn(self.argv)
         self.ended = asyncio.ensure_future(self._run(self.process))
         if self.entry.log_level > logging.INFO:  # it will not print that it serves
             self._listening = asyncio.ensure_future(self._wait_listening(self.process))
+        return self.process
 
     async def _run(self, process: asyncio.subprocess.Process) -> int:
         """Copies every line as it comes, whatever happens to the launcher's own output."""
@@ -88,12 +84,12 @@ class Service:
             if any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.entry.port for conn in sockets):
                 self.serving()
                 return
-            await asyncio.sleep(LISTEN_POLL_S)
+            await asyncio.sleep(0.1)
 
     def serving(self) -> None:
         """Notes that it serves, and since when."""
-        self.served_at = time.monotonic()
-        self.ready.set()
+        if not self.ready.done():
+            self.ready.set_result(time.monotonic())
 
     def is_running(self) -> bool:
         """Whether its current process is still running."""
@@ -107,7 +103,7 @@ class Service:
             line = f"{self.name} was killed by {signal.Signals(-code).name}"
         else:
             line = f"{self.name} exited with code {code}"
-        if not self.ready.is_set():
+        if not self.ready.done():
             line += " before serving"
         if self.cause:
             line += f": {self.cause}"
@@ -131,7 +127,6 @@ class Launcher:
         self._services: list[Service] = []
         self._monitor: asyncio.subprocess.Process | None = None
         self._deaths = 0
-        self._monitor_gone = ""  # why the launcher ends, for the terminal once the monitor has left it
 
     def say(self, line: str) -> None:
         """Prints one line of the launcher's own (to the log too, with the monitor)."""
@@ -148,8 +143,7 @@ class Launcher:
             self._services = [Service(self._config_path, entry, self._out) for entry in entries]
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
-            # SIGHUP too: closing the terminal must not orphan the services, which live in
-            # sessions of their own.
+            # SIGHUP too: closing the terminal must not orphan the services (sessions of their own).
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                 loop.add_signal_handler(signum, stop.set)
             stopping = asyncio.ensure_future(stop.wait())
@@ -181,15 +175,13 @@ class Launcher:
     async def start_all(self, stopping: asyncio.Future[Any]) -> int | None:
         """Starts each service once the one before serves; the exit code if that failed, None if all serve."""
         for service in self._services:
-            await service.start()
-            assert service.process is not None
-            self.say(f"starting {service.name} (pid {service.process.pid}): {service.command()}")
-            started = [other.ended for other in self._services if other.process is not None]
-            ready = asyncio.ensure_future(service.ready.wait())
+            process = await service.start()
+            self.say(f"starting {service.name} (pid {process.pid}): {service.command}")
+            # Until it serves, a signal comes or any service started so far ends.
+            watched = [service.ready, stopping, *(other.ended for other in self._services if other.process is not None)]
             done, _ = await asyncio.wait(
-                [ready, stopping, *started], timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+                watched, timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
             )
-            ready.cancel()
             dead = [other for other in self._services if other.process is not None and other.ended.done()]
             for other in dead:
                 self._deaths += 1
@@ -221,8 +213,9 @@ class Launcher:
             await asyncio.gather(keepers, return_exceptions=True)
         if keepers in done:
             self.say("every service is gone; nothing left to run")
-            if self._monitor is not None:  # it had the terminal: say it there too, once it is gone
-                self._monitor_gone = f"every service is gone; their last lines are in {self._monitor_log}"
+            if self._monitor is not None:  # it has the terminal: say it there too, once it is gone
+                await processes.stop([self._monitor])
+                self._terminal.write(f"[launch] every service is gone; their last lines are in {self._monitor_log}")
             return 1
         if stopping in done:
             return 0
@@ -238,9 +231,9 @@ class Launcher:
             others = f"the other {running} keep running" if running else "no other is running"
             if not self._restart:
                 self.say(f"{service.death()}; {others}")
-                self.say(f"to start it again: {service.command()} (or use --restart)")
+                self.say(f"to start it again: {service.command} (or use --restart)")
                 return
-            served_for = time.monotonic() - service.served_at if service.ready.is_set() else 0.0
+            served_for = time.monotonic() - service.ready.result() if service.ready.done() else 0.0
             fast_failures = fast_failures + 1 if served_for < FAST_FAILURE_S else 1
             if fast_failures >= MAX_FAST_FAILURES:
                 self.say(
@@ -251,23 +244,16 @@ class Launcher:
             delay = RESTART_DELAY_S * 2 ** (fast_failures - 1)
             self.say(f"{service.death()}; restarting it in {delay:g} s")
             await asyncio.sleep(delay)
-            await service.start()
-            assert service.process is not None
-            self.say(f"restarting {service.name} (pid {service.process.pid})")
-            ready = asyncio.ensure_future(service.ready.wait())
-            try:
-                await asyncio.wait([ready, service.ended], return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                ready.cancel()
-            if service.ready.is_set():
+            process = await service.start()
+            self.say(f"restarting {service.name} (pid {process.pid})")
+            await asyncio.wait([service.ready, service.ended], return_when=asyncio.FIRST_COMPLETED)
+            if service.ready.done():
                 self.say(f"{service.name} is serving again")
 
     async def shut_down(self) -> bool:
         """Stops the monitor, then every service still running; says how that went: True if each exited with 0."""
         if self._monitor is not None:
             await processes.stop([self._monitor])  # stuck on a stalled terminal, say: killed after the deadline
-            if self._monitor_gone:
-                self._terminal.write(f"[launch] {self._monitor_gone}")
         running = [service for service in self._services if service.is_running()]
         await processes.stop([service.process for service in running if service.process is not None])
         if running:  # their last lines

@@ -1,8 +1,4 @@
-"""The services as processes, for the launcher, the benchmark and the tests.
-
-Which script runs an entry, the start order, the line a service prints once it serves,
-terminate-wait-kill with one deadline for all, and free ports below the ephemeral range.
-"""
+"""The services as processes, for the launcher, the benchmark and the tests."""
 
 from __future__ import annotations
 
@@ -107,13 +103,10 @@ def free_ports(count: int, taken: Iterable[int] = ()) -> list[int]:
         for port in itertools.chain(share[start:], share[:start]):
             if len(chosen) == count:
                 break
-            if port in skip:
-                continue
-            try:
-                probes.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            chosen.append(port)
+            if port not in skip:
+                with contextlib.suppress(OSError):  # in use
+                    probes.enter_context(socket.socket()).bind(("127.0.0.1", port))
+                    chosen.append(port)
     if len(chosen) < count:
         msg = f"only {len(chosen)} of {count} ports free in {share}"
         raise OSError(msg)
