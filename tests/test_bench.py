@@ -48,7 +48,7 @@ def test_bench_prints_every_row(services: Services, tmp_path: Path, monkeypatch:
     assert output.index("| figure |") < output.index("machine: "), "the table comes first, the notes after"
     for heading in ("python ", "grpcio ", "farm-ng-core ", "side by side", "check: 2 steps ran at once"):
         assert heading in output, heading
-    for row in bench.Table().rows():
+    for row in bench.Table().rows:
         many, one, better = cells(output, row.label)
         assert NUMBER.search(many), f"{row.label}: {many!r}"
         if row.better:

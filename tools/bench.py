@@ -29,9 +29,8 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-# This process talks gRPC and forks the services: gRPC's fork handlers, with its
-# threads busy, can abort a process ("Check failed" in thd.h). The children exec at
-# once and need none. Read by gRPC when it is first imported, hence before it.
+# This process talks gRPC and forks the services: gRPC's fork handlers, with its threads busy, can abort
+# a process ("Check failed" in thd.h); the children exec at once and need none. Read at gRPC's import.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
@@ -44,13 +43,12 @@ from propagation.peers import PeerClient
 from tools import processes
 from tools.bench_system import BENCH_CLIENT, BenchError, Service, System, Window, floor, measure
 
-IN_FLIGHT = (8, 1)  # the default design's column, then one at a time
-# (rate, num_tasks) of the agent-rate rows.
-RATE_STEPS = ((10, 1), (100, 1), (1000, 1), (100, 10))
-# agent-3's rate in the default config for the latency rows (it is 100 there).
-LATENCY_RATES = (200, 500, 1000)
-# agent-3's rate for the row of samples not stored.
-UNSTORED_RATE = 1000
+# A supervisor's args in each column: the default design, then one at a time (one sample a call).
+RELAY_DESIGN = {8: ("max_in_flight=8",), 1: ("max_in_flight=1", "max_batch=1")}
+IN_FLIGHT = tuple(RELAY_DESIGN)
+RATE_STEPS = ((10, 1), (100, 1), (1000, 1), (100, 10))  # (rate, num_tasks) of the agent-rate rows
+LATENCY_RATES = (200, 500, 1000)  # agent-3's rate in the default config for the latency rows (it is 100 there)
+UNSTORED_RATE = 1000  # agent-3's rate for the row of samples not stored
 # The offered load (samples/s from one agent task) while looking for the relay ceiling.
 CEILING_RATES = (250, 500, 1000, 2000, 4000)
 # The agent-rate rows that need a step of their own: the others are ceiling steps.
@@ -59,27 +57,25 @@ OWN_RATE_STEPS = tuple((rate, tasks) for rate, tasks in RATE_STEPS if tasks > 1 
 CPU_RATE = 500
 # Enough room that storage never refuses in a benchmark, and still an int32 residual.
 UNBOUNDED_STORAGE = 1_000_000_000
-ROLES = ("agent", "supervisor", "storage")
 DEFAULT_WINDOW_S = 5.0
 QUICK_WINDOW_S = 1.0
 RELAY_AGENT, RELAY_SUPERVISOR = "agent-1", "supervisor-1"
 RELAY_NAMES = (RELAY_AGENT, RELAY_SUPERVISOR, "storage")
-
-
-# ---------------------------------------------------------------------------------
-# The rows
+# Above this many cores' worth of CPU used by processes other than the benchmark and its
+# services, the figures were shared with other work (a shell, a logger: a few hundredths).
+OTHERS_CPU_LIMIT = 0.1
 
 
 @dataclasses.dataclass
 class Row:
-    """One row of the table: a label, how to show its numbers, and the numbers of each run.
+    """One row of the table: a label, one format for all its numbers (``"{:.1f} / {:.1f}"``), each run's numbers.
 
     ``better`` says, for each number, whether lower (``<``) or higher (``>``) is better, or
     neither (``.``, an offered load). A row without ``better`` has one column only.
     """
 
     label: str
-    form: str  # one format for all its numbers, e.g. "{:.1f} / {:.1f}"
+    form: str
     better: str = ""
     runs: dict[int, list[tuple[float, ...]]] = dataclasses.field(default_factory=dict)
 
@@ -99,8 +95,6 @@ class Row:
     def cells(self) -> list[str]:
         """Its cells: the default design's numbers, then (if it has them) one at a time's, and how much better."""
         mine, theirs = (self.median(in_flight) for in_flight in IN_FLIGHT)
-        if not self.better:
-            return [shown(self.form, mine), "", ""]
         ratios = [
             "-" if kind == "." else times_better(kind, own, other)
             for kind, own, other in zip(self.better, mine or (), theirs or ())
@@ -125,7 +119,7 @@ class Table:
     """Every row, in the order made, each filled by the steps that measure it."""
 
     def __init__(self) -> None:
-        self._rows: list[Row] = []
+        self.rows: list[Row] = []
         latency, two, three = "latency ms p50 / p90 / p99", "{:.2f} / {:.2f} / {:.2f}", "{:.0f} / {:.0f} / {:.0f}"
         self.rates = {
             (rate, count): self.row(
@@ -181,12 +175,8 @@ class Table:
 
     def row(self, label: str, form: str, better: str = "") -> Row:
         """A new row, after those made before."""
-        self._rows.append(Row(label, form, better))
-        return self._rows[-1]
-
-    def rows(self) -> list[Row]:
-        """Every row, in order."""
-        return list(self._rows)
+        self.rows.append(Row(label, form, better))
+        return self.rows[-1]
 
     def lines(self) -> list[str]:
         """The rows as a markdown table."""
@@ -195,20 +185,20 @@ class Table:
             f"| figure | default ({many} in flight, batches) | one at a time ({one} in flight) | default is x better |",
             "|---|---|---|---|",
         ]
-        return lines + [f"| {row.label} | {' | '.join(row.cells())} |" for row in self.rows()]
+        return lines + [f"| {row.label} | {' | '.join(row.cells())} |" for row in self.rows]
 
-    def finish_run(self, stop_times: dict[str, list[float]]) -> None:
+    def finish_run(self, stopped: list[Service]) -> None:
         """The rows a run's other rows give: the ceiling, the CPU per relay in floors, the stop times."""
         for in_flight in IN_FLIGHT:
             self.ceiling.add(in_flight, max(row.last(in_flight)[1] for row in self.relay.values()))
             call_ms, event_ms = self.floor.last(IN_FLIGHT[0])
             cpu = self.cpu["WARNING"].last(in_flight)  # CPU s per 1000: ms per relay
             self.in_floors.add(in_flight, *(ms / (2 * call_ms + event_ms) for ms in (*cpu, sum(cpu))))
-        self.stop.add(IN_FLIGHT[0], *(1000 * max(stop_times.get(role, []), default=math.nan) for role in ROLES))
-
-
-# ---------------------------------------------------------------------------------
-# The steps
+        slowest = (
+            max((service.stopped_in for service in stopped if service.role == role), default=math.nan)
+            for role in ("agent", "supervisor", "storage")
+        )
+        self.stop.add(IN_FLIGHT[0], *(1000 * seconds for seconds in slowest))
 
 
 def default_entries(in_flight: int, agent_3_rate: float | None = None) -> list[dict[str, Any]]:
@@ -218,7 +208,7 @@ def default_entries(in_flight: int, agent_3_rate: float | None = None) -> list[d
         raw = dict(entry.raw)
         if role_of(entry) == "supervisor":
             kept = [arg for arg in entry.args if not arg.replace(" ", "").startswith("max_")]
-            raw["args"] = [*kept, *relay_design(in_flight)]
+            raw["args"] = [*kept, *RELAY_DESIGN[in_flight]]
         if entry.name == "agent-3" and agent_3_rate is not None:
             raw["args"] = agent_args(agent_3_rate, 1)
         entries.append(raw)
@@ -243,13 +233,8 @@ def storage_entry(log_level: str) -> dict[str, Any]:
 def supervisor_entry(name: str, agent: str, in_flight: int, log_level: str) -> dict[str, Any]:
     """A supervisor that relays every sample of one agent (confidence 0)."""
     subscription = {"uri": {"path": "/sample", "query": f"service_name={agent}"}, "every_n": 1}
-    args = ["confidence=0", *relay_design(in_flight)]
+    args = ["confidence=0", *RELAY_DESIGN[in_flight]]
     return {"name": name, "host": "localhost", "log_level": log_level, "args": args, "subscriptions": [subscription]}
-
-
-def relay_design(in_flight: int) -> list[str]:
-    """A supervisor's args for ``in_flight`` relays at once; at 1 the one-at-a-time design, one sample a call."""
-    return [f"max_in_flight={in_flight}", "max_batch=1"] if in_flight == 1 else [f"max_in_flight={in_flight}"]
 
 
 def agent_args(rate: float, num_tasks: int) -> list[str]:
@@ -286,28 +271,26 @@ class Step:
 
     what: str
     entries: list[dict[str, Any]]
-    fill: Callable[[Window, SequenceCounter | None], None]
-    counted: str | None = None  # an agent whose /sample sequence numbers to count
+    fill: Callable[[Window], None]
+    counted: str | None = None  # an agent whose /sample sequence numbers go to the duplicates row
 
 
 def plan(table: Table, quick: bool = False) -> list[Step]:
-    """Every step of one run, filling ``table``; the two columns of a row are measured one right after the other.
+    """Every step of one run, filling ``table``: a row's two columns one right after the other.
 
     With ``quick``, the agent-rate steps run side by side as one step.
     """
 
-    def latency(window: Window, _: SequenceCounter | None, in_flight: int, rate: int | None) -> None:
+    def latency(window: Window, in_flight: int, rate: int | None) -> None:
         for agent in ("agent-1", "agent-2", "agent-3") if rate is None else ("agent-3",):
             latencies = (window.figure(agent, f"latency_p{p}_ms") for p in (50, 90, 99))  # over its last 5 s
             table.latency[agent if rate is None else rate].add(in_flight, *latencies)
         if rate == UNSTORED_RATE:
             table.unstored.add(in_flight, *unstored(window, "supervisor-2", "agent-3"))
 
-    def relay(window: Window, counter: SequenceCounter | None, in_flight: int, rate: int, tasks: int = 1) -> None:
+    def relay(window: Window, in_flight: int, rate: int, tasks: int = 1) -> None:
         if (rate, tasks) in table.rates and in_flight == IN_FLIGHT[0]:
             table.rates[rate, tasks].add(in_flight, *achieved(window, RELAY_AGENT, rate * tasks))
-        if counter is not None:
-            table.duplicates.add(in_flight, counter.duplicates, counter.received)
         if tasks == 1 and rate in CEILING_RATES:
             lost, _ = unstored(window, RELAY_SUPERVISOR, RELAY_AGENT)
             published = window.per_second(RELAY_AGENT, "published")
@@ -318,13 +301,11 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
         if tasks == 1 and rate == CEILING_RATES[-1]:
             table.rss.add(in_flight, *(window.end(name).rss_bytes / 2**20 for name in RELAY_NAMES))
 
-    def side_by_side(window: Window, counter: SequenceCounter | None) -> None:
+    def side_by_side(window: Window) -> None:
         for number, (rate, tasks) in enumerate(OWN_RATE_STEPS, 1):
             table.rates[rate, tasks].add(IN_FLIGHT[0], *achieved(window, f"agent-{number}", rate * tasks))
-        assert counter is not None
-        table.duplicates.add(IN_FLIGHT[0], counter.duplicates, counter.received)
 
-    def info(window: Window, _: SequenceCounter | None, in_flight: int) -> None:
+    def info(window: Window, in_flight: int) -> None:
         table.cpu["INFO"].add(in_flight, *cpu_per_thousand(window))
 
     steps = []
@@ -379,17 +360,32 @@ def cpu_per_thousand(window: Window) -> tuple[float, ...]:
 
 
 class Runner:
-    """Runs the steps, each on a system of its own, ``jobs`` at a time; notes each service's stop time."""
+    """One run into ``table``: the floor, then the steps, each on a system of its own, ``jobs`` at a time."""
 
-    def __init__(self, directory: Path, window_s: float, jobs: int = 1) -> None:
+    def __init__(self, table: Table, directory: Path, window_s: float, jobs: int = 1) -> None:
+        self._table = table
         self._directory = directory
         self._window_s = window_s
         self._slots = asyncio.Semaphore(jobs)  # 1, but for the test suite's quick check
         self._ports: set[int] = set()
         self._stopping: list[asyncio.Future[list[Service]]] = []
-        self.stop_times: dict[str, list[float]] = {}  # by role; inf for one killed after its stop timeout
+        self._stopped: list[Service] = []  # each with how long it took to stop
 
-    async def run(self, step: Step, number: int, total: int) -> None:
+    async def run(self, steps: list[Step]) -> None:
+        """Measures the floor, then runs every step and fills the rows the others give."""
+        print(f"[0/{len(steps)}] floor: a bare farm-ng-core call and event", file=sys.stderr, flush=True)
+        self._table.floor.add(IN_FLIGHT[0], *await floor(self._window_s))
+        running = [asyncio.ensure_future(self._run(step, index, len(steps))) for index, step in enumerate(steps, 1)]
+        try:
+            await asyncio.gather(*running)
+        finally:
+            for task in running:  # after a failure, the others end too
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
+            await self._finish_stopping()
+        self._table.finish_run(self._stopped)
+
+    async def _run(self, step: Step, number: int, total: int) -> None:
         """Runs one step when a slot is free, saying which (on stderr: the table is on stdout)."""
         async with self._slots:
             print(f"[{number}/{total}] {step.what}", file=sys.stderr, flush=True)
@@ -398,7 +394,7 @@ class Runner:
             try:
                 await system.start()
                 # The last step's services stopped while these started: none is left when the window opens.
-                await self.finish_stopping()
+                await self._finish_stopping()
                 if step.counted:
                     counter = SequenceCounter(system.services[step.counted])
                 window = await measure(system, self._window_s)
@@ -406,84 +402,39 @@ class Runner:
                 if counter is not None:
                     await counter.stop()
                 self._stopping.append(asyncio.ensure_future(system.stop()))
-            step.fill(window, counter)
+            step.fill(window)
+            if counter is not None:
+                self._table.duplicates.add(IN_FLIGHT[0], counter.duplicates, counter.received)
 
-    async def finish_stopping(self) -> None:
-        """Waits until the services of finished steps have stopped; notes how long each took."""
+    async def _finish_stopping(self) -> None:
+        """Waits until the services of finished steps have stopped."""
         while self._stopping:
             stopping, self._stopping = self._stopping, []
             # wait(), not gather(): cancelling the caller must not cancel the stops.
             await asyncio.wait(stopping)
-            for stop in stopping:
-                for service in stop.result():
-                    took = math.inf if service.stopped_in is None else service.stopped_in
-                    self.stop_times.setdefault(service.role or "", []).append(took)
+            self._stopped += [service for stop in stopping for service in stop.result()]
 
 
-async def run_once(table: Table, directory: Path, window_s: float, jobs: int, quick: bool) -> None:
-    """One run of every step, and the floor, into ``table``."""
-    runner = Runner(directory, window_s, jobs)
-    steps = plan(table, quick)
-    print(f"[0/{len(steps)}] floor: a bare farm-ng-core call and event", file=sys.stderr, flush=True)
-    table.floor.add(IN_FLIGHT[0], *await floor(window_s))
-    running = [asyncio.ensure_future(runner.run(step, index, len(steps))) for index, step in enumerate(steps, 1)]
-    try:
-        await asyncio.gather(*running)
-    finally:
-        for task in running:  # after a failure, the others end too
-            task.cancel()
-        await asyncio.gather(*running, return_exceptions=True)
-        await runner.finish_stopping()
-    table.finish_run(runner.stop_times)
+def cpu_times() -> tuple[float, float, float]:
+    """Now, the machine's busy CPU s, and this process's with its children's (a service counts once waited for)."""
+    machine, ours = psutil.cpu_times(), psutil.Process().cpu_times()
+    # On Linux, user already holds guest: not summed twice.
+    busy = machine.user + machine.system + sum(getattr(machine, name, 0.0) for name in ("nice", "irq", "softirq"))
+    return time.monotonic(), busy, ours.user + ours.system + ours.children_user + ours.children_system
 
 
-# ---------------------------------------------------------------------------------
-# Command line
-
-# Above this many cores' worth of CPU used by processes other than the benchmark and its
-# services, the figures were shared with other work (a shell, a logger: a few hundredths).
-OTHERS_CPU_LIMIT = 0.1
+def others_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
+    """The CPU processes other than this one and its services used between two ``cpu_times()``, in cores."""
+    wall, busy, ours = (after - before for after, before in zip(end, start))
+    return max(0.0, busy - ours) / wall if wall > 0 else 0.0
 
 
-class CpuShare:
-    """The CPU that processes other than this one and its children use from now until ``stop()``.
-
-    The machine's busy time less this process's and its children's: services are children,
-    and their CPU counts here once they have been waited for, as all have been by ``stop()``.
-    """
-
-    def __init__(self) -> None:
-        """Starts counting."""
-        self._start = (time.monotonic(), self._machine_busy(), self._ours())
-        self._end = self._start
-
-    def stop(self) -> None:
-        """Stops counting; call it once every service has exited."""
-        self._end = (time.monotonic(), self._machine_busy(), self._ours())
-
-    def cores(self) -> float:
-        """The CPU other processes used, in cores on average over the interval."""
-        wall = self._end[0] - self._start[0]
-        others = (self._end[1] - self._start[1]) - (self._end[2] - self._start[2])
-        return max(0.0, others) / wall if wall > 0 else 0.0
-
-    @staticmethod
-    def _machine_busy() -> float:
-        times = psutil.cpu_times()  # on Linux, user already holds guest: not summed twice
-        return times.user + times.system + sum(getattr(times, name, 0.0) for name in ("nice", "irq", "softirq"))
-
-    @staticmethod
-    def _ours() -> float:
-        own = psutil.Process().cpu_times()
-        return own.user + own.system + own.children_user + own.children_system
-
-
-def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, others_cpu: CpuShare) -> list[str]:
+def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, others_cpu: float) -> list[str]:
     """How the figures were measured and how to read them; and checks of the run itself."""
     side_by_side = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in OWN_RATE_STEPS)
     lines = [
         f"machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()};"
-        f" other processes used {others_cpu.cores():.2f} of them on average while it ran",
+        f" other processes used {others_cpu:.2f} of them on average while it ran",
         f"python {platform.python_version()}, grpcio {grpc.__version__},"
         f" farm-ng-core {version('farm-ng-core')}, protobuf {version('protobuf')}",
         f"{runs} run(s), medians shown; each step's figures over one interval of about {window_s:g} s, the same for",
@@ -505,8 +456,8 @@ def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, othe
         "  each process's CPU per relay over 2 calls + 1 event, the least a relay takes with farm-ng-core.",
     ]
     checks = [f"{jobs} steps ran at once: these figures are not measurements"] * (jobs > 1)
-    if others_cpu.cores() > OTHERS_CPU_LIMIT:
-        checks.append(f"other processes used {others_cpu.cores():.2f} cores on average: they shared the CPU")
+    if others_cpu > OTHERS_CPU_LIMIT:
+        checks.append(f"other processes used {others_cpu:.2f} cores on average: they shared the CPU")
     for (rate, tasks), row in table.rates.items():
         ratio, resolution = row.median(IN_FLIGHT[0]) or (math.nan, 0.0)
         if not abs(ratio - 1) <= 2 * resolution + 0.02:
@@ -531,16 +482,16 @@ def build_parser() -> argparse.ArgumentParser:
 async def run_bench(cli: argparse.Namespace) -> int:
     """Runs the benchmark and prints the table, then the notes; returns the exit code."""
     window_s = cli.seconds or (QUICK_WINDOW_S if cli.quick else DEFAULT_WINDOW_S)
-    started, others_cpu = time.monotonic(), CpuShare()
+    started, cpu_at_start = time.monotonic(), cpu_times()
     print(f"tools.bench: {cli.runs} run(s) of {window_s:g} s windows{' (--quick)' if cli.quick else ''}", flush=True)
     table = Table()
     with tempfile.TemporaryDirectory(prefix="bench-") as directory:
         for index in range(cli.runs):
-            await run_once(table, Path(directory), window_s, cli.jobs, cli.quick)
+            await Runner(table, Path(directory), window_s, cli.jobs).run(plan(table, cli.quick))
             done = time.monotonic() - started
             print(f"run {index + 1}/{cli.runs} done after {done:.0f} s", file=sys.stderr, flush=True)
     print("", *table.lines(), "", sep="\n")
-    others_cpu.stop()
+    others_cpu = others_cores(cpu_at_start, cpu_times())
     bench_cpu = sum(psutil.Process().cpu_times()[:2])
     print(f"took {time.monotonic() - started:.0f} s; the benchmark itself used {bench_cpu:.1f} CPU s")
     print(*notes(table, cli.runs, window_s, cli.jobs, cli.quick, others_cpu), sep="\n", flush=True)

@@ -64,7 +64,7 @@ class Service:
         self.process = process
         self.stats: list[Snapshot] = []
         self.health: list[Snapshot] = []
-        self.stopped_in: float | None = None  # seconds from SIGTERM to its exit; None if killed
+        self.stopped_in = math.inf  # seconds from SIGTERM to its exit; inf if killed
         self._resources = psutil.Process(process.pid)
         self._tail = b""
         self._changed = asyncio.Condition()
@@ -72,30 +72,22 @@ class Service:
         self._output = asyncio.ensure_future(self._read_output())
         self._watchers = [asyncio.ensure_future(self._watch(path)) for path in ("/stats", "/health")]
 
-    @classmethod
-    async def start(cls, config_path: Path, entry: Entry) -> Service:
-        """Starts the entry's script; serving once its first ``/stats`` comes (at WARNING it prints no "serving on").
+    async def serving(self) -> None:
+        """Waits until it serves: its first ``/stats`` comes (at WARNING it prints no "serving on").
 
         Raises:
             BenchError: it exited, or published nothing within ``READY_TIMEOUT_S``.
-
         """
-        service = cls(entry, await processes.spawn(processes.service_argv(config_path, entry)))
-        try:
-            served = asyncio.ensure_future(service.until(lambda: bool(service.stats), "/stats"))
-            exited = asyncio.ensure_future(service.process.wait())
-            await asyncio.wait([served, exited], timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
-            for waiting in (served, exited):
-                waiting.cancel()
-            if not service.stats:
-                await asyncio.wait([service._output], timeout=1.0)  # the last words of a dying service
-                how = "exited" if service.process.returncode is not None else "published no /stats"
-                msg = f"{service.name} {how}:\n{service.output_tail()}"
-                raise BenchError(msg)
-        except BaseException:
-            await service.stop()
-            raise
-        return service
+        served = asyncio.ensure_future(self.until(lambda: bool(self.stats), "/stats"))
+        exited = asyncio.ensure_future(self.process.wait())
+        await asyncio.wait([served, exited], timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        for waiting in (served, exited):
+            waiting.cancel()
+        if not self.stats:
+            await asyncio.wait([self._output], timeout=1.0)  # the last words of a dying service
+            how = "exited" if self.process.returncode is not None else "published no /stats"
+            msg = f"{self.name} {how}:\n{self.output_tail()}"
+            raise BenchError(msg)
 
     async def _read_output(self) -> None:
         """Reads the output in chunks, keeping only its end: cheap even at INFO."""
@@ -127,7 +119,6 @@ class Service:
 
         Raises:
             BenchError: it did not within ``STATS_TIMEOUT_S`` (``what`` names what was awaited).
-
         """
         async with self._changed:
             try:
@@ -152,10 +143,7 @@ class Service:
 
 
 class System:
-    """The services of one config, on free ports (none twice: systems run side by side), started and stopped together.
-
-    Each step gets a system of its own: fresh processes start every step from the same state.
-    """
+    """One step's services, on free ports (none twice: systems run side by side), started and stopped together."""
 
     def __init__(self, path: Path, entries: list[dict[str, Any]], given_ports: set[int]) -> None:
         ports = processes.free_ports(len(entries), given_ports)
@@ -167,18 +155,18 @@ class System:
     async def start(self) -> None:
         """Starts every service at once (any order works) and waits until all serve, or BenchError.
 
-        Those that started are in ``services`` even if this fails or is cancelled: ``stop`` stops them.
+        Those started are in ``services`` even if this fails or is cancelled: ``stop`` stops them.
         """
         self.path.write_text(json.dumps({"configs": self.entries}, indent=2))
-        starting = [asyncio.ensure_future(Service.start(self.path, entry)) for entry in read_config(str(self.path))]
+        for entry in read_config(str(self.path)):
+            process = await processes.spawn(processes.service_argv(self.path, entry))
+            self.services[entry.name] = Service(entry, process)
+        waiting = [asyncio.ensure_future(service.serving()) for service in self.services.values()]
         try:
-            await asyncio.gather(*starting)
+            await asyncio.gather(*waiting)
         finally:
-            for task in starting:
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    self.services[task.result().name] = task.result()
-                else:
-                    task.cancel()  # the others end too
+            for task in waiting:  # after a failure, the others end too
+                task.cancel()
 
     async def stop(self) -> list[Service]:
         """Stops every service at once; returns them, stopped."""
@@ -191,8 +179,7 @@ class System:
 class Window:
     """One measurement interval, common to every service, and each service's figures around it.
 
-    A counter's value at either end is read between its service's two snapshots around that
-    moment, as if it grew evenly in between (docs/benchmark.md).
+    A counter's value at either end is read between its service's two snapshots around that moment (``at``).
     """
 
     opens: float  # the services' monotonic clock (one host)
@@ -233,23 +220,17 @@ class Window:
 
 def counter(snapshot: Snapshot, key: str) -> float:
     """A counter of a snapshot: 0 before the service counts it, NaN if it is not a number."""
-    value = number(snapshot.figures, key)
-    return 0.0 if value is None else value
+    return number(snapshot.figures, key) or 0.0
 
 
 def at(points: Sequence[tuple[float, float]], moment: float, slack: float = 0.0) -> float:
-    """A value at ``moment``, on the line between the ``(stamp, value)`` points around it.
-
-    With none after it, the last one stands for it if it is at most ``slack`` before.
-    """
+    """A value at ``moment``, between the ``(stamp, value)`` points around it (or the last, up to ``slack`` before)."""
     before = max((point for point in points if point[0] <= moment), key=lambda point: point[0])
     after = min((point for point in points if point[0] >= moment), key=lambda point: point[0], default=None)
-    if after is None and moment - before[0] <= slack:
-        return before[1]
-    if after is None:
+    if after is None and moment - before[0] > slack:
         msg = f"no figures after {moment:.3f} (the last at {before[0]:.3f})"
         raise BenchError(msg)
-    if after[0] == before[0]:
+    if after is None or after[0] == before[0]:
         return before[1]
     return before[1] + (moment - before[0]) / (after[0] - before[0]) * (after[1] - before[1])
 
@@ -257,9 +238,9 @@ def at(points: Sequence[tuple[float, float]], moment: float, slack: float = 0.0)
 async def measure(system: System, window_s: float) -> Window:
     """Measures every service of ``system`` over a little less than ``window_s``, once samples flow through all.
 
-    The interval opens at the later of the last service's first ``/stats`` with samples
-    through it and the first ``/health`` heard of each (not latched: it may come late on a
-    busy machine); it closes once every service has sent a ``/stats`` about ``window_s`` later.
+    The interval opens at the later of the last service's first ``/stats`` with samples through it and
+    the first ``/health`` of each (not latched: it may come late on a busy machine); it closes once
+    every service has sent a ``/stats`` about ``window_s`` later.
     """
     services = list(system.services.values())
     for service in services:
@@ -291,10 +272,7 @@ def is_flowing(snapshot: Snapshot) -> bool:
 
 
 async def floor(seconds: float) -> tuple[float, float]:
-    """CPU ms of one bare farm-ng-core ``requestReply`` and of one subscribed event, both ends in this process.
-
-    Measured alone, no step beside it (docs/benchmark.md says how).
-    """
+    """CPU ms of one bare farm-ng-core ``requestReply`` and of one subscribed event, both ends here, no step beside."""
     port = processes.free_ports(1)[0]
     server = grpc.aio.server()
     service = EventServiceGrpc(server, EventServiceConfig(name="floor", host="localhost", port=port))

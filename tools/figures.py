@@ -7,12 +7,10 @@ and rate carries through and the tools show as ``invalid``; one that is absent r
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
+from farm_ng.core.event_pb2 import Event
 from farm_ng.core.stamp import StampSemantics, get_stamp_by_semantics_and_clock_type
-
-if TYPE_CHECKING:
-    from farm_ng.core.event_pb2 import Event
 
 INVALID = "invalid"
 NONE = "-"
