@@ -38,18 +38,14 @@ from propagation.config import ConfigError, Entry, check_endpoint, read_config, 
 from propagation.peers import PeerClient
 from tools.figures import INVALID, NONE, number, sent_at, shown
 
-# A service that sent no /stats for this long is down. It publishes every second, so
-# this allows for one late message.
+# A service that sent no /stats for this long is down: it publishes every second, so one may be late.
 DOWN_AFTER_S = 2.5
-# Rates span the /stats of about this many seconds: long enough to smooth out the
-# moments of a fill and drain cycle, short enough to follow a change.
+# Rates span about this long: long enough to smooth out a fill and drain cycle, short enough to follow a change.
 RATE_WINDOW_S = 3.0
-# Counts show how much they grew over this long: a total that stopped growing (unsent 2,
-# long ago) reads as +0, not as a problem going on.
+# Counts show their growth over this long: a total that stopped growing long ago (unsent 2) reads as +0.
 RECENT_S = 60.0
 REFRESH_S = 0.5
-# --once waits for this many /stats of each service (two intervals for the rates),
-# but no longer than ONCE_TIMEOUT_S.
+# --once waits for this many /stats of each service (two intervals for the rates), at most ONCE_TIMEOUT_S.
 ONCE_STATS = 3
 ONCE_TIMEOUT_S = 4.0
 FILL_BAR_WIDTH = 20
@@ -69,15 +65,15 @@ class Stats:
 class ServiceView:
     """What the monitor knows about one service: its ``/stats`` of the last minute, and its restarts."""
 
-    def __init__(self, entry: Entry, role: str) -> None:
+    def __init__(self, entry: Entry) -> None:
         self.entry = entry
         self.name = entry.name
-        self.role = role
+        self.role = role_of(entry)
         self.history: deque[Stats] = deque()
         self.heard: float | None = None  # the monitor's monotonic clock
         self.heard_at: float | None = None  # the same moment on the wall clock, to show
         self.received = 0
-        self.restarted: tuple[float, float] | None = None  # wall clock of its last restart, and the gap before
+        self.restarted = ""  # its last restart, for the summary: ``at 20:26:09 after 4 s down``
 
     def add(self, stats: Stats, now: float) -> None:
         """Keeps one ``/stats``; a service that restarted starts a new history."""
@@ -92,7 +88,7 @@ class ServiceView:
             fell = any((number(stats.figures, key) or 0) < (number(last.figures, key) or 0) for key in RATE_COUNTERS)
             if stats.sequence < last.sequence or fell:
                 self.history.clear()
-                self.restarted = (self.heard_at, silent_for)
+                self.restarted = f"at {clock(self.heard_at)} after {duration(silent_for)} down"
         self.history.append(stats)
         while self.history[0].sent < stats.sent - RECENT_S:
             self.history.popleft()
@@ -144,12 +140,9 @@ def clock(wall: float) -> str:
 
 def views_of(config_path: str) -> list[ServiceView]:
     """A view for every service of the config; ConfigError if it is bad or has no service of this example."""
-    views = []
-    for entry in read_config(config_path):
-        role = role_of(entry)
-        if role is not None:
-            check_endpoint(entry)
-            views.append(ServiceView(entry, role))
+    views = [ServiceView(entry) for entry in read_config(config_path) if role_of(entry) is not None]
+    for view in views:
+        check_endpoint(view.entry)
     if not views:
         msg = f"{config_path} has no storage, supervisor or agent entry with a port"
         raise ConfigError(msg)
@@ -163,16 +156,11 @@ async def listen(view: ServiceView) -> None:
     try:
         async for event, message in client.subscribe(request, decode=True):
             if isinstance(message, Struct):
-                # A latched /stats arrives at once but may be a second old: its send
-                # stamp, not its arrival, says when its counters were true.
+                # A latched /stats may be a second old: its send stamp, not its arrival, says when it was true.
                 sent = sent_at(event) or time.monotonic()
                 view.add(Stats(event.sequence, sent, dict(message)), time.monotonic())
     finally:
         await client.close()
-
-
-# ---------------------------------------------------------------------------------
-# The tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,11 +205,7 @@ def render(views: list[ServiceView], look: Look, now: float, width: int | None =
     summary = f"{time.strftime('%H:%M:%S')}  {len(views)} services, {len(views) - len(down)} up"
     if down:
         summary += f", down: {', '.join(down)}"
-    restarts = [
-        f"{view.name} at {clock(view.restarted[0])} after {duration(view.restarted[1])} down"
-        for view in views
-        if view.restarted is not None
-    ]
+    restarts = [f"{view.name} {view.restarted}" for view in views if view.restarted]
     if restarts:
         summary += f"; restarted: {', '.join(restarts)}"
     parts: list[Text] = [Text(summary), Text(legend(views, look), style="dim")]
@@ -233,23 +217,21 @@ def render(views: list[ServiceView], look: Look, now: float, width: int | None =
             for column in columns
         ]
         return Group(*parts)
-    for role, columns in TABLES.items():
+    for role in TABLES:
         members = [view for view in views if view.role == role]
         if members:
-            parts += [Text(""), *table(members, role, look, now, columns, width)]
+            parts += [Text(""), *table(members, role, look, now, width)]
     return Group(*parts)
 
 
-def table(
-    members: list[ServiceView], role: str, look: Look, now: float, columns: Sequence[Column], width: int | None
-) -> list[Text]:
+def table(members: list[ServiceView], role: str, look: Look, now: float, width: int | None) -> list[Text]:
     """The table of one role's services, and a line naming the columns that would make it wider than ``width``.
 
     A service that is down gets one line, which says since when, in place of its figures.
     """
     up = [view for view in members if view.is_up(now)]
     columns = [
-        column for column in columns if not column.optional or any(column.optional in view.figures for view in up)
+        column for column in TABLES[role] if not column.optional or any(column.optional in view.figures for view in up)
     ]
     header = [role, "state", *(column.heading for column in columns)]
     lefts = [True, True, *(column.left for column in columns)]
@@ -391,10 +373,6 @@ def plain_text(views: list[ServiceView], now: float) -> str:
     return "\n".join(line.rstrip() for line in capture.get().splitlines())
 
 
-# ---------------------------------------------------------------------------------
-# Running
-
-
 async def monitor(views: list[ServiceView], once: bool) -> None:
     """Listens to every service and shows what it hears until Ctrl-C (or once)."""
     stop = asyncio.Event()
@@ -426,23 +404,18 @@ async def monitor(views: list[ServiceView], once: bool) -> None:
 async def gather_once(views: list[ServiceView], stop: asyncio.Event) -> None:
     """Waits until each service sent ``ONCE_STATS`` ``/stats`` or was never heard from in ``DOWN_AFTER_S``."""
     started = time.monotonic()
-    while not stop.is_set():
-        elapsed = time.monotonic() - started
-        waiting = [
-            view for view in views if view.received < ONCE_STATS and (view.received > 0 or elapsed < DOWN_AFTER_S)
-        ]
-        if not waiting or elapsed >= ONCE_TIMEOUT_S:
+    while not stop.is_set() and (elapsed := time.monotonic() - started) < ONCE_TIMEOUT_S:
+        if all(view.received >= ONCE_STATS or (view.received == 0 and elapsed >= DOWN_AFTER_S) for view in views):
             return
         await wait_or_stop(stop, 0.1)
 
 
 @contextlib.contextmanager
 def keys(stop: asyncio.Event, explain: list[bool]) -> Iterator[None]:
-    """Sets ``stop`` when q is typed in the terminal, toggles ``explain[0]`` on ?; puts the terminal back after.
+    """Sets ``stop`` on q and toggles ``explain[0]`` on ? typed in the terminal; puts the terminal back after.
 
-    The terminal goes to cbreak mode: each key comes at once, unechoed, and Ctrl-C
-    still sends SIGINT. Keys are read by the event loop when they come, so the view
-    never waits for one. Without a terminal on stdin, only Ctrl-C quits.
+    In cbreak mode each key comes at once, unechoed, and Ctrl-C still sends SIGINT; the event loop reads
+    keys as they come, so the view never waits for one. Without a terminal on stdin, only Ctrl-C quits.
     """
     if not sys.stdin.isatty():
         yield

@@ -3,9 +3,8 @@
     python -m tools.plot recordings -o fill.png     # the newest recording there
     python -m tools.plot RECORDING.0000.bin         # writes RECORDING.0000.png
 
-What it draws and prints: the README's "Watching, recording, plotting". All stamps are on
-one monotonic clock: the services and the recorder run on one host. Needs matplotlib
-(requirements-dev.txt); the services do not.
+What it draws and prints: the README's "Watching, recording, plotting". All stamps are on one monotonic clock:
+the services and the recorder run on one host. Needs matplotlib (requirements-dev.txt); the services do not.
 """
 
 from __future__ import annotations
@@ -14,28 +13,27 @@ import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core l
 from propagation.startup import require
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from farm_ng.core.event_pb2 import Event
+from google.protobuf.message import Message
 from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation.cli import run_cli
 from propagation.config import ConfigError
+from propagation.wire import PUBLISHED, WrongMessage, decode
 from tools.figures import number, received_at, sent_at
-from tools.read_recording import read_messages, recording_file
+from tools.read_recording import read_events, recording_file
 
-if TYPE_CHECKING:
-    from farm_ng.core.event_pb2 import Event
-    from google.protobuf.message import Message
-
-# Samples are counted in bins this wide: a multiple of every default task period (5 or
-# 10 times a second), so that a steady agent gives a flat line; and short, so that a
-# pause shows as a dip.
+# Samples are counted in bins this wide: a multiple of every default task period (5 or 10 a second), so that a
+# steady agent gives a flat line; and short, so that a pause shows as a dip.
 RATE_BIN_S = 0.4
 
 
@@ -59,10 +57,7 @@ class Counters:
         return self.pauses if self.paused else self.resumes
 
     def is_transition(self) -> bool:
-        """Whether it may carry a transition (a pause, or a resume): a ``/pauses`` after the agent's first one.
-
-        An agent publishes ``/pauses`` at each change and every second; the one at its start is its state.
-        """
+        """Whether it may be a pause or resume: a ``/pauses`` but the one an agent sends at its start (its state)."""
         return self.paused is not None and self.number() > 0
 
 
@@ -90,9 +85,8 @@ class PauseFigures:
 def pause_figures(messages: list[Counters], started: float) -> PauseFigures:
     """An agent's marks and counters over the recording that started at ``started``.
 
-    A transition is a mark if its number is above the counters at the start: those of the
-    last message sent before it (latched), else those just before the first message.
-    Counters that fall mean the agent restarted: its counts start again from 0.
+    A transition is a mark if its number is above the counters at the start: those of the last message sent before
+    it (latched), else those just before the first. Counters that fall mean the agent restarted: they start from 0.
     """
     figures = PauseFigures()
     ordered = sorted(messages, key=lambda message: message.sent)
@@ -107,19 +101,16 @@ def pause_figures(messages: list[Counters], started: float) -> PauseFigures:
     seen: set[tuple[bool, int]] = set()
     for message in recorded:
         if message.pauses < last[0] or message.resumes < last[1]:  # it restarted
-            figures.counted_pauses += last[0] - base[0]
-            figures.counted_resumes += last[1] - base[1]
-            base = (0, 0)
+            last = base = (0, 0)
             seen.clear()
+        figures.counted_pauses += message.pauses - last[0]
+        figures.counted_resumes += message.resumes - last[1]
         last = (message.pauses, message.resumes)
-        if not message.is_transition():
-            continue
-        kind = 0 if message.paused else 1
-        if message.number() > base[kind] and (message.paused, message.number()) not in seen:
-            seen.add((message.paused, message.number()))
+        # An agent publishes /pauses at each change and every second: each transition is marked once.
+        mark = (bool(message.paused), message.number())
+        if message.is_transition() and mark[1] > base[0 if message.paused else 1] and mark not in seen:
+            seen.add(mark)
             (figures.pauses if message.paused else figures.resumes).append(message.sent)
-    figures.counted_pauses += last[0] - base[0]
-    figures.counted_resumes += last[1] - base[1]
     return figures
 
 
@@ -161,11 +152,9 @@ class Recording:
         elif isinstance(message, Struct) and path in ("level", "stats", "pauses"):
             figures = dict(message)
             if "max_storage" in figures:
-                keys: tuple[str, ...] = (
-                    ("count", "max_storage", "refused") if path == "stats" else ("count", "max_storage")
-                )
+                keys = ["count", "max_storage", *(["refused"] if path == "stats" else [])]
             elif path == "pauses" or "pauses" in figures:
-                keys = ("pauses", "resumes")
+                keys = ["pauses", "resumes"]
             else:
                 return  # another service's figures
             values = [number(figures, key) for key in keys]
@@ -192,15 +181,12 @@ class Recording:
     def fill_levels(self) -> list[tuple[float, float]]:
         """Storage's count over time, in order: from /level, or else the coarser /stats and /residual.
 
-        /level comes before and after each drain and when full, so it reaches ``max_storage`` at
-        every refusal. A residual is ``max_storage - count``: it needs ``max_storage`` from a /stats.
+        /level comes before and after each drain and when full, so it reaches ``max_storage`` at every refusal.
+        A residual is ``max_storage - count``: it needs ``max_storage`` from a /stats.
         """
-        if self.levels:
+        if self.levels or self.max_storage is None:  # without max_storage, there is no /stats fill either
             return sorted(self.levels)
-        levels = list(self.stats_fill)
-        if self.max_storage is not None:
-            levels += [(stamp, self.max_storage - residual) for stamp, residual in self.residuals]
-        return sorted(levels)
+        return sorted(self.stats_fill + [(stamp, self.max_storage - residual) for stamp, residual in self.residuals])
 
     def agents(self) -> list[str]:
         """The agents in the recording, in order: each keeps its colour in both panels."""
@@ -212,10 +198,13 @@ class Recording:
 
 
 def load(file: Path) -> Recording:
-    """The events of a recording that the plot shows."""
+    """The events of a recording that the plot shows, each decoded as its path's type (others skipped)."""
     recording = Recording()
-    for name, event, message in read_messages(file):
-        recording.add(name, event, message)
+    for name, event, payload in read_events(file):
+        kind = PUBLISHED.get(event.uri.path)
+        if kind is not None:
+            with contextlib.suppress(WrongMessage):
+                recording.add(name, event, decode(event, payload, kind))
     return recording
 
 
@@ -236,8 +225,7 @@ def refusals_while_full(recording: Recording) -> tuple[int, int, int]:
         grown += int(refused_after - refused_before)
         intervals += 1
         # Full in the interval: a level at max_storage in it, or the last one before it.
-        counts = [count for stamp, count in levels if before <= stamp <= after]
-        counts += [level_at(levels, before)]
+        counts = [level_at(levels, before)] + [count for stamp, count in levels if before <= stamp <= after]
         full += recording.max_storage in counts
     return grown, intervals, full
 
@@ -268,9 +256,7 @@ def report(recording: Recording) -> list[str]:
 
 def sample_rates(stamps: list[float], start: float) -> tuple[list[float], list[float]]:
     """Samples/s in bins of ``RATE_BIN_S``: (bin middles since ``start``, rates); not the first and last, partial."""
-    counts: dict[int, int] = defaultdict(int)
-    for stamp in stamps:
-        counts[int((stamp - start) // RATE_BIN_S)] += 1
+    counts = Counter(int((stamp - start) // RATE_BIN_S) for stamp in stamps)
     if not counts:
         return [], []
     bins = range(min(counts) + 1, max(counts))

@@ -2,11 +2,10 @@
 
     python -m tools.recorder --service-config tools/record_config.json --service-name recorder
 
-farm-ng-core's own ``event_service_recorder service`` builds its gRPC server before the event
-loop runs, which fails on Python 3.12, and listens on every interface. This one builds it in
-the loop, listens on the entry's host and port only, and takes only ``/start/record_default``
-and ``/stop``, each decoded as its own type (``RecorderService`` decodes by the type the
-request names). Ctrl-C closes a recording in progress.
+farm-ng-core's own ``event_service_recorder service`` builds its gRPC server before the event loop runs, which
+fails on Python 3.12, and listens on every interface. This one builds it in the loop, listens on the entry's host
+and port only, and takes only ``/start/record_default`` and ``/stop``, each decoded as its own type
+(``RecorderService`` decodes by the type the request names). Ctrl-C closes a recording in progress.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ async def serve_recorder(entry: Entry) -> int:
         return await serve(service)
     finally:
         await recorder.stop_recording()
-        # asyncio.run then cancels the recording task, if any, and waits for it: the
-        # recording file is closed on the way out.
+        # asyncio.run then cancels the recording task, if any, and waits for it: the file is closed.
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -3,8 +3,8 @@
     python -m tools.watch --service-config service_config.json --service-name agent-3 --path /sample --count 5
     agent-3/sample 1234 {"sample": 0.5398770072851099, "task_id": 0.0}
 
-A message JSON cannot hold (NaN, say) is shown in protobuf's text format, marked invalid.
-A service that is down is said on stderr and tried again, each attempt bounded.
+A message JSON cannot hold (NaN, say) is shown in protobuf's text format, marked invalid. A service that is down
+is said on stderr and tried again, each attempt bounded.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
 
-from farm_ng.core.event_service_pb2 import SubscribeRequest
+from farm_ng.core.event_pb2 import Event
+from farm_ng.core.event_service_pb2 import EventServiceConfig, SubscribeRequest
 from farm_ng.core.uri_pb2 import Uri
 from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
@@ -29,10 +29,6 @@ from google.protobuf.message import Message
 from propagation.cli import run_cli
 from propagation.config import ConfigError, check_endpoint, find_entry, read_config
 from propagation.peers import PeerClient
-
-if TYPE_CHECKING:
-    from farm_ng.core.event_pb2 import Event
-    from farm_ng.core.event_service_pb2 import EventServiceConfig
 
 
 def describe(service_name: str, event: Event, message: Message | bytes) -> str:
@@ -93,11 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parses the command line and prints events; returns the exit code."""
     cli = build_parser().parse_args(argv)
-    # Only events on stdout; PeerClient's lines (a peer not up yet, gone, back, a refusal) on stderr.
-    said = logging.StreamHandler(sys.stderr)
-    said.setFormatter(logging.Formatter("%(message)s"))
+    # Only events on stdout; PeerClient's lines (a peer not up yet, gone, back, a refusal) on stderr, bare.
     logger = logging.getLogger("watch")
-    logger.addHandler(said)
+    logger.addHandler(logging.StreamHandler(sys.stderr))
     logger.setLevel(logging.INFO)
     logger.propagate = False
 
