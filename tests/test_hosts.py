@@ -309,9 +309,10 @@ def test_a_thin_link_keeps_residuals_fresh(system: System) -> None:
     for name in AGENTS:
         watcher = watchers[name]
         # Each /stats holds the latency percentiles of the agent's last 5 s. Those whose window
-        # began within 2 s of the switch also hold what was already in flight when the link
-        # thinned (up to a flow-control window, drained at 96 kbit/s): the switch, not a queue.
-        settled = started + LATENCY_WINDOW_S + 2
+        # began within 4 s of the switch also hold what was in flight when the link thinned (up
+        # to a flow-control window, drained at 96 kbit/s) and what waited behind it: the switch,
+        # not a queue. (2 s was once too short: 1.28 s in a window that began 2 s after it.)
+        settled = started + LATENCY_WINDOW_S + 4
         p99s = [figures.get("latency_p99_ms", float("inf")) for figures in stats_lines(watcher, settled, ended)]
         assert len(p99s) >= 15, watcher.output
         assert max(p99s) < 1000, (name, p99s, supervisors, stats_lines(watcher, ended - 2, ended + 5)[-1:])
