@@ -318,7 +318,14 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
         entries, counted = [storage_entry("WARNING")], ""
         for number, (rate, tasks) in enumerate(OWN_RATE_STEPS, 1):
             entries.append(supervisor_entry(f"supervisor-{number}", f"agent-{number}", IN_FLIGHT[0], "WARNING"))
-            entries.append({"name": f"agent-{number}", "host": "localhost", "args": agent_args(rate, tasks)})
+            entries.append(
+                {
+                    "name": f"agent-{number}",
+                    "host": "localhost",
+                    "log_level": "WARNING",
+                    "args": agent_args(rate, tasks),
+                }
+            )
             counted = f"agent-{number}" if tasks > 1 else counted
         rates = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in OWN_RATE_STEPS)
         steps.append(Step(f"agents at {rates}, side by side", entries, side_by_side, counted))
