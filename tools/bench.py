@@ -15,7 +15,6 @@ import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core l
 import argparse
 import asyncio
 import dataclasses
-import functools
 import logging
 import math
 import os
@@ -25,6 +24,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -210,36 +210,21 @@ def default_entries(in_flight: int, agent_3_rate: float | None = None) -> list[d
             kept = [arg for arg in entry.args if not arg.replace(" ", "").startswith("max_")]
             raw["args"] = [*kept, *RELAY_DESIGN[in_flight]]
         if entry.name == "agent-3" and agent_3_rate is not None:
-            raw["args"] = agent_args(agent_3_rate, 1)
+            raw["args"] = [f"rate={agent_3_rate:g}", "num_tasks=1"]
         entries.append(raw)
     return entries
 
 
-def relay_entries(in_flight: int, log_level: str, rate: float, num_tasks: int = 1) -> list[dict[str, Any]]:
-    """One agent, one supervisor relaying every sample, storage that never fills."""
-    return [
-        storage_entry(log_level),
-        supervisor_entry(RELAY_SUPERVISOR, RELAY_AGENT, in_flight, log_level),
-        {"name": RELAY_AGENT, "host": "localhost", "log_level": log_level, "args": agent_args(rate, num_tasks)},
-    ]
-
-
-def storage_entry(log_level: str) -> dict[str, Any]:
-    """A storage that never fills."""
-    args = [f"max_storage={UNBOUNDED_STORAGE}", "batch_size=1"]
-    return {"name": "storage", "host": "localhost", "log_level": log_level, "args": args}
-
-
-def supervisor_entry(name: str, agent: str, in_flight: int, log_level: str) -> dict[str, Any]:
-    """A supervisor that relays every sample of one agent (confidence 0)."""
-    subscription = {"uri": {"path": "/sample", "query": f"service_name={agent}"}, "every_n": 1}
-    args = ["confidence=0", *RELAY_DESIGN[in_flight]]
-    return {"name": name, "host": "localhost", "log_level": log_level, "args": args, "subscriptions": [subscription]}
-
-
-def agent_args(rate: float, num_tasks: int) -> list[str]:
-    """An agent entry's args."""
-    return [f"rate={rate:g}", f"num_tasks={num_tasks}"]
+def relay_entries(loads: Sequence[tuple[int, int]], log_level: str, in_flight: int) -> list[dict[str, Any]]:
+    """Storage that never fills; for each ``(rate, num_tasks)``, agent-N and supervisor-N relaying its every sample."""
+    common = {"host": "localhost", "log_level": log_level}
+    entries = [{"name": "storage", **common, "args": [f"max_storage={UNBOUNDED_STORAGE}", "batch_size=1"]}]
+    for number, (rate, tasks) in enumerate(loads, 1):
+        sample = {"uri": {"path": "/sample", "query": f"service_name=agent-{number}"}, "every_n": 1}
+        relaying = ["confidence=0", *RELAY_DESIGN[in_flight]]
+        entries.append({"name": f"supervisor-{number}", **common, "args": relaying, "subscriptions": [sample]})
+        entries.append({"name": f"agent-{number}", **common, "args": [f"rate={rate:g}", f"num_tasks={tasks}"]})
+    return entries
 
 
 class SequenceCounter:
@@ -288,22 +273,20 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
         if rate == UNSTORED_RATE:
             table.unstored.add(in_flight, *unstored(window, "supervisor-2", "agent-3"))
 
-    def relay(window: Window, in_flight: int, rate: int, tasks: int = 1) -> None:
-        if (rate, tasks) in table.rates and in_flight == IN_FLIGHT[0]:
-            table.rates[rate, tasks].add(in_flight, *achieved(window, RELAY_AGENT, rate * tasks))
-        if tasks == 1 and rate in CEILING_RATES:
-            lost, _ = unstored(window, RELAY_SUPERVISOR, RELAY_AGENT)
-            published = window.per_second(RELAY_AGENT, "published")
-            stored = window.per_second(RELAY_SUPERVISOR, "stored")
-            table.relay[rate].add(in_flight, published, stored, lost)
-        if tasks == 1 and rate == CPU_RATE:
-            table.cpu["WARNING"].add(in_flight, *cpu_per_thousand(window))
-        if tasks == 1 and rate == CEILING_RATES[-1]:
-            table.rss.add(in_flight, *(window.end(name).rss_bytes / 2**20 for name in RELAY_NAMES))
-
-    def side_by_side(window: Window) -> None:
-        for number, (rate, tasks) in enumerate(OWN_RATE_STEPS, 1):
+    def agent_rates(window: Window, loads: Sequence[tuple[int, int]]) -> None:
+        for number, (rate, tasks) in enumerate(loads, 1):
             table.rates[rate, tasks].add(IN_FLIGHT[0], *achieved(window, f"agent-{number}", rate * tasks))
+
+    def relay(window: Window, in_flight: int, rate: int) -> None:
+        if (rate, 1) in table.rates and in_flight == IN_FLIGHT[0]:
+            agent_rates(window, [(rate, 1)])
+        lost, _ = unstored(window, RELAY_SUPERVISOR, RELAY_AGENT)
+        published = window.per_second(RELAY_AGENT, "published")
+        table.relay[rate].add(in_flight, published, window.per_second(RELAY_SUPERVISOR, "stored"), lost)
+        if rate == CPU_RATE:
+            table.cpu["WARNING"].add(in_flight, *cpu_per_thousand(window))
+        if rate == CEILING_RATES[-1]:
+            table.rss.add(in_flight, *(window.end(name).rss_bytes / 2**20 for name in RELAY_NAMES))
 
     def info(window: Window, in_flight: int) -> None:
         table.cpu["INFO"].add(in_flight, *cpu_per_thousand(window))
@@ -311,40 +294,26 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
     steps = []
     for rate in (None, *LATENCY_RATES):
         what = "default config" if rate is None else f"default config, agent-3 at {rate:g} Hz"
-        steps += both(
-            what, functools.partial(default_entries, agent_3_rate=rate), functools.partial(latency, rate=rate)
-        )
-    if quick:
-        entries, counted = [storage_entry("WARNING")], ""
-        for number, (rate, tasks) in enumerate(OWN_RATE_STEPS, 1):
-            entries.append(supervisor_entry(f"supervisor-{number}", f"agent-{number}", IN_FLIGHT[0], "WARNING"))
-            entries.append(
-                {
-                    "name": f"agent-{number}",
-                    "host": "localhost",
-                    "log_level": "WARNING",
-                    "args": agent_args(rate, tasks),
-                }
-            )
-            counted = f"agent-{number}" if tasks > 1 else counted
-        rates = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in OWN_RATE_STEPS)
-        steps.append(Step(f"agents at {rates}, side by side", entries, side_by_side, counted))
-    else:
-        for rate, tasks in OWN_RATE_STEPS:
-            entries = relay_entries(IN_FLIGHT[0], "WARNING", rate, tasks)
-            fill = functools.partial(relay, in_flight=IN_FLIGHT[0], rate=rate, tasks=tasks)
-            steps.append(Step(f"agent at {rate:g} Hz x {tasks}", entries, fill, RELAY_AGENT if tasks > 1 else None))
+        steps += both(what, partial(default_entries, agent_3_rate=rate), partial(latency, rate=rate))
+    for loads in [OWN_RATE_STEPS] if quick else [[load] for load in OWN_RATE_STEPS]:
+        rates = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in loads)
+        counted = next((f"agent-{number}" for number, (_, tasks) in enumerate(loads, 1) if tasks > 1), None)
+        fill = partial(agent_rates, loads=loads)
+        entries = relay_entries(loads, "WARNING", IN_FLIGHT[0])
+        steps.append(Step(f"agents at {rates}, side by side" if quick else f"agent at {rates}", entries, fill, counted))
     for rate in CEILING_RATES:
-        relaying = functools.partial(relay_entries, log_level="WARNING", rate=rate)
-        steps += both(f"relay at {rate:g}/s", relaying, functools.partial(relay, rate=rate))
-    relaying = functools.partial(relay_entries, log_level="INFO", rate=CPU_RATE)
-    steps += both(f"relay at {CPU_RATE}/s at INFO", relaying, info)
+        steps += both(
+            f"relay at {rate:g}/s",
+            partial(relay_entries, [(rate, 1)], "WARNING"),
+            partial(relay, rate=rate),
+        )
+    steps += both(f"relay at {CPU_RATE}/s at INFO", partial(relay_entries, [(CPU_RATE, 1)], "INFO"), info)
     return steps
 
 
 def both(what: str, entries: Callable[[int], list[dict[str, Any]]], fill: Callable[..., None]) -> list[Step]:
     """A step for each column: the config of each ``in_flight`` of ``IN_FLIGHT``, filling its column."""
-    return [Step(f"{what}, max_in_flight={n}", entries(n), functools.partial(fill, in_flight=n)) for n in IN_FLIGHT]
+    return [Step(f"{what}, max_in_flight={n}", entries(n), partial(fill, in_flight=n)) for n in IN_FLIGHT]
 
 
 def achieved(window: Window, agent: str, configured: float) -> tuple[float, float]:
