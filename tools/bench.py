@@ -227,27 +227,15 @@ def relay_entries(loads: Sequence[tuple[int, int]], log_level: str, in_flight: i
     return entries
 
 
-class SequenceCounter:
-    """Counts the events of an agent's ``/sample`` and the sequence numbers seen twice (raw payloads: cheap)."""
-
-    def __init__(self, service: Service) -> None:
-        self.received = self.duplicates = 0
-        self._seen: set[int] = set()
-        self._client = PeerClient(service.config, BENCH_CLIENT)
-        self._task = asyncio.ensure_future(self._count(service.name))
-
-    async def _count(self, name: str) -> None:
-        request = SubscribeRequest(uri=Uri(path="/sample", query=f"service_name={name}"), every_n=1)
-        async for event, _ in self._client.subscribe(request, decode=False):
-            self.received += 1
-            self.duplicates += event.sequence in self._seen
-            self._seen.add(event.sequence)
-
-    async def stop(self) -> None:
-        """Stops reading."""
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        await self._client.close()
+async def read_sequences(service: Service, sequences: list[int]) -> None:
+    """Adds the sequence number of each event of an agent's ``/sample`` to ``sequences`` (raw payloads: cheap)."""
+    client = PeerClient(service.config, BENCH_CLIENT)
+    request = SubscribeRequest(uri=Uri(path="/sample", query=f"service_name={service.name}"), every_n=1)
+    try:
+        async for event, _ in client.subscribe(request, decode=False):
+            sequences.append(event.sequence)
+    finally:
+        await client.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,60 +323,56 @@ def cpu_per_thousand(window: Window) -> tuple[float, ...]:
     return tuple(1000 * window.cpu_share(name) / stored if stored else math.nan for name in RELAY_NAMES)
 
 
-class Runner:
+async def run_once(table: Table, steps: list[Step], directory: Path, window_s: float, jobs: int) -> None:
     """One run into ``table``: the floor, then the steps, each on a system of its own, ``jobs`` at a time."""
+    slots = asyncio.Semaphore(jobs)  # 1, but for the test suite's quick check
+    ports: set[int] = set()
+    stopping: list[asyncio.Future[list[Service]]] = []
+    stopped: list[Service] = []  # each with how long it took to stop
 
-    def __init__(self, table: Table, directory: Path, window_s: float, jobs: int = 1) -> None:
-        self._table = table
-        self._directory = directory
-        self._window_s = window_s
-        self._slots = asyncio.Semaphore(jobs)  # 1, but for the test suite's quick check
-        self._ports: set[int] = set()
-        self._stopping: list[asyncio.Future[list[Service]]] = []
-        self._stopped: list[Service] = []  # each with how long it took to stop
-
-    async def run(self, steps: list[Step]) -> None:
-        """Measures the floor, then runs every step and fills the rows the others give."""
-        print(f"[0/{len(steps)}] floor: a bare farm-ng-core call and event", file=sys.stderr, flush=True)
-        self._table.floor.add(IN_FLIGHT[0], *await floor(self._window_s))
-        running = [asyncio.ensure_future(self._run(step, index, len(steps))) for index, step in enumerate(steps, 1)]
-        try:
-            await asyncio.gather(*running)
-        finally:
-            for task in running:  # after a failure, the others end too
-                task.cancel()
-            await asyncio.gather(*running, return_exceptions=True)
-            await self._finish_stopping()
-        self._table.finish_run(self._stopped)
-
-    async def _run(self, step: Step, number: int, total: int) -> None:
-        """Runs one step when a slot is free, saying which (on stderr: the table is on stdout)."""
-        async with self._slots:
-            print(f"[{number}/{total}] {step.what}", file=sys.stderr, flush=True)
-            system = System(self._directory / f"step-{number}.json", step.entries, self._ports)
-            counter = None
+    async def run(step: Step, number: int) -> None:
+        # One step when a slot is free, saying which (on stderr: the table is on stdout).
+        async with slots:
+            print(f"[{number}/{len(steps)}] {step.what}", file=sys.stderr, flush=True)
+            system = System(directory / f"step-{number}.json", step.entries, ports)
+            sequences: list[int] = []
+            counting = None
             try:
                 await system.start()
                 # The last step's services stopped while these started: none is left when the window opens.
-                await self._finish_stopping()
+                await finish_stopping()
                 if step.counted:
-                    counter = SequenceCounter(system.services[step.counted])
-                window = await measure(system, self._window_s)
+                    counting = asyncio.ensure_future(read_sequences(system.services[step.counted], sequences))
+                window = await measure(system, window_s)
             finally:
-                if counter is not None:
-                    await counter.stop()
-                self._stopping.append(asyncio.ensure_future(system.stop()))
+                if counting is not None:
+                    counting.cancel()
+                    await asyncio.gather(counting, return_exceptions=True)
+                stopping.append(asyncio.ensure_future(system.stop()))
             step.fill(window)
-            if counter is not None:
-                self._table.duplicates.add(IN_FLIGHT[0], counter.duplicates, counter.received)
+            if counting is not None:
+                table.duplicates.add(IN_FLIGHT[0], len(sequences) - len(set(sequences)), len(sequences))
 
-    async def _finish_stopping(self) -> None:
-        """Waits until the services of finished steps have stopped."""
-        while self._stopping:
-            stopping, self._stopping = self._stopping, []
+    async def finish_stopping() -> None:
+        # Until the services of finished steps have stopped.
+        while stopping:
+            waiting = stopping.copy()
+            stopping.clear()
             # wait(), not gather(): cancelling the caller must not cancel the stops.
-            await asyncio.wait(stopping)
-            self._stopped += [service for stop in stopping for service in stop.result()]
+            await asyncio.wait(waiting)
+            stopped.extend(service for stop in waiting for service in stop.result())
+
+    print(f"[0/{len(steps)}] floor: a bare farm-ng-core call and event", file=sys.stderr, flush=True)
+    table.floor.add(IN_FLIGHT[0], *await floor(window_s))
+    running = [asyncio.ensure_future(run(step, number)) for number, step in enumerate(steps, 1)]
+    try:
+        await asyncio.gather(*running)
+    finally:
+        for task in running:  # after a failure, the others end too
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+        await finish_stopping()
+    table.finish_run(stopped)
 
 
 def cpu_times() -> tuple[float, float, float]:
@@ -463,7 +447,7 @@ async def run_bench(cli: argparse.Namespace) -> int:
     table = Table()
     with tempfile.TemporaryDirectory(prefix="bench-") as directory:
         for index in range(cli.runs):
-            await Runner(table, Path(directory), window_s, cli.jobs).run(plan(table, cli.quick))
+            await run_once(table, plan(table, cli.quick), Path(directory), window_s, cli.jobs)
             done = time.monotonic() - started
             print(f"run {index + 1}/{cli.runs} done after {done:.0f} s", file=sys.stderr, flush=True)
     print("", *table.lines(), "", sep="\n")
