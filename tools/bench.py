@@ -383,12 +383,6 @@ def cpu_times() -> tuple[float, float, float]:
     return time.monotonic(), busy, ours.user + ours.system + ours.children_user + ours.children_system
 
 
-def others_cores(start: tuple[float, float, float], end: tuple[float, float, float]) -> float:
-    """The CPU processes other than this one and its services used between two ``cpu_times()``, in cores."""
-    wall, busy, ours = (after - before for after, before in zip(end, start))
-    return max(0.0, busy - ours) / wall if wall > 0 else 0.0
-
-
 def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, others_cpu: float) -> list[str]:
     """How the figures were measured and how to read them; and checks of the run itself."""
     side_by_side = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in OWN_RATE_STEPS)
@@ -451,7 +445,9 @@ async def run_bench(cli: argparse.Namespace) -> int:
             done = time.monotonic() - started
             print(f"run {index + 1}/{cli.runs} done after {done:.0f} s", file=sys.stderr, flush=True)
     print("", *table.lines(), "", sep="\n")
-    others_cpu = others_cores(cpu_at_start, cpu_times())
+    # In cores: the CPU of the processes other than this one and its services.
+    wall, busy, ours = (after - before for after, before in zip(cpu_times(), cpu_at_start))
+    others_cpu = max(0.0, busy - ours) / wall if wall > 0 else 0.0
     bench_cpu = sum(psutil.Process().cpu_times()[:2])
     print(f"took {time.monotonic() - started:.0f} s; the benchmark itself used {bench_cpu:.1f} CPU s")
     print(*notes(table, cli.runs, window_s, cli.jobs, cli.quick, others_cpu), sep="\n", flush=True)
