@@ -434,30 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def run_bench(cli: argparse.Namespace) -> int:
-    """Runs the benchmark and prints the table, then the notes; returns the exit code."""
-    window_s = cli.seconds or (QUICK_WINDOW_S if cli.quick else DEFAULT_WINDOW_S)
-    started, cpu_at_start = time.monotonic(), cpu_times()
-    print(f"tools.bench: {cli.runs} run(s) of {window_s:g} s windows{' (--quick)' if cli.quick else ''}", flush=True)
-    table = Table()
-    with tempfile.TemporaryDirectory(prefix="bench-") as directory:
-        for index in range(cli.runs):
-            await run_once(table, plan(table, cli.quick), Path(directory), window_s, cli.jobs)
-            done = time.monotonic() - started
-            print(f"run {index + 1}/{cli.runs} done after {done:.0f} s", file=sys.stderr, flush=True)
-    print("", *table.lines(), "", sep="\n")
-    # In cores: the CPU of the processes other than this one and its services.
-    wall, busy, ours = (after - before for after, before in zip(cpu_times(), cpu_at_start))
-    others_cpu = max(0.0, busy - ours) / wall if wall > 0 else 0.0
-    bench_cpu = sum(psutil.Process().cpu_times()[:2])
-    print(f"took {time.monotonic() - started:.0f} s; the benchmark itself used {bench_cpu:.1f} CPU s")
-    print(*notes(table, cli.runs, window_s, cli.jobs, cli.quick, others_cpu), sep="\n", flush=True)
-    return 0
-
-
-async def run_until_signal(cli: argparse.Namespace) -> int:
-    """Runs the benchmark; Ctrl-C or SIGTERM cancels it, and its services stop."""
-    loop = asyncio.get_running_loop()
-    bench = asyncio.ensure_future(run_bench(cli))
+    """Runs the benchmark and prints the table, then the notes; Ctrl-C or SIGTERM cancels it, and its services stop."""
+    loop, bench = asyncio.get_running_loop(), asyncio.current_task()
 
     def interrupt() -> None:
         # Once only: a second Ctrl-C must not cut short the stopping of the services.
@@ -467,11 +445,27 @@ async def run_until_signal(cli: argparse.Namespace) -> int:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, interrupt)
+    window_s = cli.seconds or (QUICK_WINDOW_S if cli.quick else DEFAULT_WINDOW_S)
+    started, cpu_at_start = time.monotonic(), cpu_times()
+    print(f"tools.bench: {cli.runs} run(s) of {window_s:g} s windows{' (--quick)' if cli.quick else ''}", flush=True)
+    table = Table()
     try:
-        return await bench
+        with tempfile.TemporaryDirectory(prefix="bench-") as directory:
+            for index in range(cli.runs):
+                await run_once(table, plan(table, cli.quick), Path(directory), window_s, cli.jobs)
+                done = time.monotonic() - started
+                print(f"run {index + 1}/{cli.runs} done after {done:.0f} s", file=sys.stderr, flush=True)
     except asyncio.CancelledError:
         print("interrupted; services stopped", file=sys.stderr)
         return 130
+    print("", *table.lines(), "", sep="\n")
+    # In cores: the CPU of the processes other than this one and its services.
+    wall, busy, ours = (after - before for after, before in zip(cpu_times(), cpu_at_start))
+    others_cpu = max(0.0, busy - ours) / wall if wall > 0 else 0.0
+    bench_cpu = sum(psutil.Process().cpu_times()[:2])
+    print(f"took {time.monotonic() - started:.0f} s; the benchmark itself used {bench_cpu:.1f} CPU s")
+    print(*notes(table, cli.runs, window_s, cli.jobs, cli.quick, others_cpu), sep="\n", flush=True)
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -483,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The clients' "peer is up" lines are noise here; outages still show.
     logging.getLogger(BENCH_CLIENT).setLevel(logging.WARNING)
     try:
-        return asyncio.run(run_until_signal(cli))
+        return asyncio.run(run_bench(cli))
     except (BenchError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
