@@ -55,6 +55,7 @@ CEILING_RATES = (250, 500, 1000, 2000, 4000)
 OWN_RATE_STEPS = tuple((rate, tasks) for rate, tasks in RATE_STEPS if tasks > 1 or rate not in CEILING_RATES)
 # The relay rate at which CPU per relayed sample is measured, at WARNING and at INFO.
 CPU_RATE = 500
+CPU_LOG_LEVELS = ("WARNING", "INFO")
 # Enough room that storage never refuses in a benchmark, and still an int32 residual.
 UNBOUNDED_STORAGE = 1_000_000_000
 DEFAULT_WINDOW_S = 5.0
@@ -151,14 +152,8 @@ class Table:
             for rate in CEILING_RATES
         }
         self.ceiling = self.row("relay ceiling: best stored/s over the steps", "{:.0f}", ">")
-        self.cpu = {
-            level: self.row(
-                f"CPU s per 1000 relayed at {CPU_RATE}/s, {level}: agent / supervisor / storage",
-                "{:.3f} / {:.3f} / {:.3f}",
-                "<<<",
-            )
-            for level in ("WARNING", "INFO")
-        }
+        cpu = f"CPU s per 1000 relayed at {CPU_RATE}/s, {{}}: agent / supervisor / storage"
+        self.cpu = {level: self.row(cpu.format(level), "{:.3f} / {:.3f} / {:.3f}", "<<<") for level in CPU_LOG_LEVELS}
         self.floor = self.row(
             "floor, CPU ms: one bare farm-ng-core requestReply (client + server) / one subscribed event (both ends)",
             "{:.3f} / {:.3f}",
@@ -181,11 +176,10 @@ class Table:
     def lines(self) -> list[str]:
         """The rows as a markdown table."""
         many, one = IN_FLIGHT
-        lines = [
-            f"| figure | default ({many} in flight, batches) | one at a time ({one} in flight) | default is x better |",
-            "|---|---|---|---|",
-        ]
-        return lines + [f"| {row.label} | {' | '.join(row.cells())} |" for row in self.rows]
+        head = (
+            f"| figure | default ({many} in flight, batches) | one at a time ({one} in flight) | default is x better |"
+        )
+        return [head, "|---|---|---|---|", *(f"| {row.label} | {' | '.join(row.cells())} |" for row in self.rows)]
 
     def finish_run(self, stopped: list[Service]) -> None:
         """The rows a run's other rows give: the ceiling, the CPU per relay in floors, the stop times."""
@@ -263,7 +257,9 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
 
     def agent_rates(window: Window, loads: Sequence[tuple[int, int]]) -> None:
         for number, (rate, tasks) in enumerate(loads, 1):
-            table.rates[rate, tasks].add(IN_FLIGHT[0], *achieved(window, f"agent-{number}", rate * tasks))
+            # Samples/s over the configured rate, and its resolution: one whole sample in the window.
+            achieved = window.per_second(f"agent-{number}", "published") / (rate * tasks)
+            table.rates[rate, tasks].add(IN_FLIGHT[0], achieved, 1 / (rate * tasks * window.seconds()))
 
     def relay(window: Window, in_flight: int, rate: int) -> None:
         if (rate, 1) in table.rates and in_flight == IN_FLIGHT[0]:
@@ -302,11 +298,6 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
 def both(what: str, entries: Callable[[int], list[dict[str, Any]]], fill: Callable[..., None]) -> list[Step]:
     """A step for each column: the config of each ``in_flight`` of ``IN_FLIGHT``, filling its column."""
     return [Step(f"{what}, max_in_flight={n}", entries(n), partial(fill, in_flight=n)) for n in IN_FLIGHT]
-
-
-def achieved(window: Window, agent: str, configured: float) -> tuple[float, float]:
-    """An agent's samples/s over its configured rate, and its resolution: one whole sample in the window."""
-    return window.per_second(agent, "published") / configured, 1 / (configured * window.seconds())
 
 
 def unstored(window: Window, supervisor: str, agent: str) -> tuple[float, float]:
@@ -385,7 +376,8 @@ def cpu_times() -> tuple[float, float, float]:
 
 def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, others_cpu: float) -> list[str]:
     """How the figures were measured and how to read them; and checks of the run itself."""
-    side_by_side = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in OWN_RATE_STEPS)
+    loads = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in OWN_RATE_STEPS)
+    side_by_side = f"  --quick: the agent-rate rows of {loads} ran side by side, each with its own supervisor."
     lines = [
         f"machine: {os.cpu_count()} cores, {platform.system()} {platform.machine()};"
         f" other processes used {others_cpu:.2f} of them on average while it ran",
@@ -398,10 +390,7 @@ def notes(table: Table, runs: int, window_s: float, jobs: int, quick: bool, othe
         "Agent rates: ±, one sample in the window: 10 Hz over 1 s is 10 samples give or take one, not a slow agent.",
         "Agent rates, relay steps, ceiling, CPU, RSS: one agent task -> one supervisor (confidence=0) -> storage",
         "  that never fills, every service at log_level WARNING (the INFO row: the same at INFO, output to a pipe).",
-        *(
-            [f"  --quick: the agent-rate rows of {side_by_side} ran side by side, each with its own supervisor."]
-            * quick
-        ),
+        *[side_by_side] * quick,
         "Relay rows: published - stored - lost is how much the backlog grew over the interval: stored/s a little",
         "  above published/s is a backlog drained; far below it with few lost, one building up (the supervisor lags).",
         "Latency: service_config.json as it is (log_level INFO): agent publish -> residual back at the agent;",
