@@ -35,11 +35,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import grpc
 import psutil
-from farm_ng.core.event_service_pb2 import SubscribeRequest
-from farm_ng.core.uri_pb2 import Uri
 
 from propagation.config import ConfigError, read_config, role_of
-from propagation.peers import PeerClient
 from tools import processes
 from tools.bench_system import BENCH_CLIENT, BenchError, Service, System, Window, floor, measure
 
@@ -221,17 +218,6 @@ def relay_entries(loads: Sequence[tuple[int, int]], log_level: str, in_flight: i
     return entries
 
 
-async def read_sequences(service: Service, sequences: list[int]) -> None:
-    """Adds the sequence number of each event of an agent's ``/sample`` to ``sequences`` (raw payloads: cheap)."""
-    client = PeerClient(service.config, BENCH_CLIENT)
-    request = SubscribeRequest(uri=Uri(path="/sample", query=f"service_name={service.name}"), every_n=1)
-    try:
-        async for event, _ in client.subscribe(request, decode=False):
-            sequences.append(event.sequence)
-    finally:
-        await client.close()
-
-
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One measurement: what it is, the config it runs, and what it makes of the window."""
@@ -333,7 +319,7 @@ async def run_once(table: Table, steps: list[Step], directory: Path, window_s: f
                 # The last step's services stopped while these started: none is left when the window opens.
                 await finish_stopping()
                 if step.counted:
-                    counting = asyncio.ensure_future(read_sequences(system.services[step.counted], sequences))
+                    counting = asyncio.ensure_future(system.services[step.counted].read_sequences(sequences))
                 window = await measure(system, window_s)
             finally:
                 if counting is not None:

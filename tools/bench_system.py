@@ -60,7 +60,6 @@ class Service:
     def __init__(self, entry: Entry, process: asyncio.subprocess.Process) -> None:
         self.name = entry.name
         self.role = role_of(entry)
-        self.config = entry.service_config()
         self.process = process
         self.stats: list[Snapshot] = []
         self.health: list[Snapshot] = []
@@ -68,7 +67,7 @@ class Service:
         self._resources = psutil.Process(process.pid)
         self._tail = b""
         self._changed = asyncio.Condition()
-        self._client = PeerClient(self.config, BENCH_CLIENT)
+        self._client = PeerClient(entry.service_config(), BENCH_CLIENT)
         self._output = asyncio.ensure_future(self._read_output())
         self._watchers = [asyncio.ensure_future(self._watch(path)) for path in ("/stats", "/health")]
 
@@ -113,6 +112,12 @@ class Service:
             snapshots.append(Snapshot(stamp, dict(message), times.user + times.system, memory.rss))
             async with self._changed:
                 self._changed.notify_all()
+
+    async def read_sequences(self, sequences: list[int]) -> None:
+        """Adds the sequence number of each event of its ``/sample`` to ``sequences`` (raw payloads: cheap)."""
+        request = SubscribeRequest(uri=Uri(path="/sample", query=f"service_name={self.name}"), every_n=1)
+        async for event, _ in self._client.subscribe(request, decode=False):
+            sequences.append(event.sequence)
 
     async def until(self, condition: Callable[[], bool], what: str) -> None:
         """Waits until ``condition()`` holds after a ``/stats`` or ``/health``.
