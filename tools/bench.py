@@ -304,8 +304,7 @@ async def run_once(table: Table, steps: list[Step], directory: Path, window_s: f
     """One run into ``table``: the floor, then the steps, each on a system of its own, ``jobs`` at a time."""
     slots = asyncio.Semaphore(jobs)  # 1, but for the test suite's quick check
     ports: set[int] = set()
-    stopping: list[asyncio.Future[list[Service]]] = []
-    stopped: list[Service] = []  # each with how long it took to stop
+    stopping: list[asyncio.Future[list[Service]]] = []  # each step's services, stopped: with how long it took
 
     async def run(step: Step, number: int) -> None:
         # One step when a slot is free, saying which (on stderr: the table is on stdout).
@@ -331,13 +330,10 @@ async def run_once(table: Table, steps: list[Step], directory: Path, window_s: f
                 table.duplicates.add(IN_FLIGHT[0], len(sequences) - len(set(sequences)), len(sequences))
 
     async def finish_stopping() -> None:
-        # Until the services of finished steps have stopped.
-        while stopping:
-            waiting = stopping.copy()
-            stopping.clear()
-            # wait(), not gather(): cancelling the caller must not cancel the stops.
-            await asyncio.wait(waiting)
-            stopped.extend(service for stop in waiting for service in stop.result())
+        # Until the services of finished steps have stopped (wait(), not gather(): cancelling
+        # the caller must not cancel the stops); more may be stopping by then.
+        while not all(stop.done() for stop in stopping):
+            await asyncio.wait(stopping)
 
     print(f"[0/{len(steps)}] floor: a bare farm-ng-core call and event", file=sys.stderr, flush=True)
     table.floor.add(IN_FLIGHT[0], *await floor(window_s))
@@ -349,7 +345,7 @@ async def run_once(table: Table, steps: list[Step], directory: Path, window_s: f
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         await finish_stopping()
-    table.finish_run(stopped)
+    table.finish_run([service for stop in stopping for service in stop.result()])
 
 
 def cpu_times() -> tuple[float, float, float]:

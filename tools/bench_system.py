@@ -271,9 +271,8 @@ async def measure(system: System, window_s: float) -> Window:
 
 def is_flowing(snapshot: Snapshot) -> bool:
     """Whether samples have gone through a service: relayed back to an agent, stored, or accepted."""
-    figures = snapshot.figures
-    key = next((key for key in ("residuals", "stored", "accepted") if key in figures), "accepted")
-    return (number(figures, key) or 0.0) > 0
+    key = next((key for key in ("residuals", "stored", "accepted") if key in snapshot.figures), "accepted")
+    return counter(snapshot, key) > 0
 
 
 async def floor(seconds: float) -> tuple[float, float]:
