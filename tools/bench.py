@@ -247,19 +247,18 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
             achieved = window.per_second(f"agent-{number}", "published") / (rate * tasks)
             table.rates[rate, tasks].add(IN_FLIGHT[0], achieved, 1 / (rate * tasks * window.seconds()))
 
-    def relay(window: Window, in_flight: int, rate: int) -> None:
+    def relay(window: Window, in_flight: int, rate: int, level: str) -> None:
+        if rate == CPU_RATE:
+            table.cpu[level].add(in_flight, *cpu_per_thousand(window))
+        if level == "INFO":  # a step for its CPU row only
+            return
         if (rate, 1) in table.rates and in_flight == IN_FLIGHT[0]:
             agent_rates(window, [(rate, 1)])
         lost, _ = unstored(window, RELAY_SUPERVISOR, RELAY_AGENT)
         published = window.per_second(RELAY_AGENT, "published")
         table.relay[rate].add(in_flight, published, window.per_second(RELAY_SUPERVISOR, "stored"), lost)
-        if rate == CPU_RATE:
-            table.cpu["WARNING"].add(in_flight, *cpu_per_thousand(window))
         if rate == CEILING_RATES[-1]:
             table.rss.add(in_flight, *(window.end(name).rss_bytes / 2**20 for name in RELAY_NAMES))
-
-    def info(window: Window, in_flight: int) -> None:
-        table.cpu["INFO"].add(in_flight, *cpu_per_thousand(window))
 
     steps = []
     for rate in (None, *LATENCY_RATES):
@@ -271,13 +270,9 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
         fill = partial(agent_rates, loads=loads)
         entries = relay_entries(loads, "WARNING", IN_FLIGHT[0])
         steps.append(Step(f"agents at {rates}, side by side" if quick else f"agent at {rates}", entries, fill, counted))
-    for rate in CEILING_RATES:
-        steps += both(
-            f"relay at {rate:g}/s",
-            partial(relay_entries, [(rate, 1)], "WARNING"),
-            partial(relay, rate=rate),
-        )
-    steps += both(f"relay at {CPU_RATE}/s at INFO", partial(relay_entries, [(CPU_RATE, 1)], "INFO"), info)
+    for rate, level in [*((rate, "WARNING") for rate in CEILING_RATES), (CPU_RATE, "INFO")]:
+        what = f"relay at {rate:g}/s{' at INFO' if level == 'INFO' else ''}"
+        steps += both(what, partial(relay_entries, [(rate, 1)], level), partial(relay, rate=rate, level=level))
     return steps
 
 
