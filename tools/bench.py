@@ -81,10 +81,6 @@ class Row:
         """Keeps one run's numbers for the column of ``in_flight``."""
         self.runs.setdefault(in_flight, []).append(tuple(numbers))
 
-    def last(self, in_flight: int) -> tuple[float, ...]:
-        """The numbers of the latest run."""
-        return self.runs[in_flight][-1]
-
     def median(self, in_flight: int) -> tuple[float, ...] | None:
         """Each number's median over the runs; None if none measured it."""
         runs = self.runs.get(in_flight)
@@ -181,9 +177,9 @@ class Table:
     def finish_run(self, stopped: list[Service]) -> None:
         """The rows a run's other rows give: the ceiling, the CPU per relay in floors, the stop times."""
         for in_flight in IN_FLIGHT:
-            self.ceiling.add(in_flight, max(row.last(in_flight)[1] for row in self.relay.values()))
-            call_ms, event_ms = self.floor.last(IN_FLIGHT[0])
-            cpu = self.cpu["WARNING"].last(in_flight)  # CPU s per 1000: ms per relay
+            self.ceiling.add(in_flight, max(row.runs[in_flight][-1][1] for row in self.relay.values()))
+            call_ms, event_ms = self.floor.runs[IN_FLIGHT[0]][-1]
+            cpu = self.cpu["WARNING"].runs[in_flight][-1]  # CPU s per 1000: ms per relay
             self.in_floors.add(in_flight, *(ms / (2 * call_ms + event_ms) for ms in (*cpu, sum(cpu))))
         slowest = (
             max((service.stopped_in for service in stopped if service.role == role), default=math.nan)
