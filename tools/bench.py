@@ -89,10 +89,7 @@ class Row:
     def cells(self) -> list[str]:
         """Its cells: the default design's numbers, then (if it has them) one at a time's, and how much better."""
         mine, theirs = (self.median(in_flight) for in_flight in IN_FLIGHT)
-        ratios = [
-            "-" if kind == "." else times_better(kind, own, other)
-            for kind, own, other in zip(self.better, mine or (), theirs or ())
-        ]
+        ratios = [times_better(kind, own, other) for kind, own, other in zip(self.better, mine or (), theirs or ())]
         return [shown(self.form, mine), shown(self.form, theirs), " / ".join(ratios) if mine and theirs else ""]
 
 
@@ -102,9 +99,9 @@ def shown(form: str, numbers: tuple[float, ...] | None) -> str:
 
 
 def times_better(kind: str, own: float, other: float) -> str:
-    """How many times better ``own`` is than ``other``: ``x2.00``, ``x>100`` (0 against some); else ``-``."""
+    """How many times better ``own`` is than ``other``: ``x2.00``, ``x>100`` (0 against some); else (or ``.``) ``-``."""
     above, below = (other, own) if kind == "<" else (own, other)
-    if not (math.isfinite(above) and math.isfinite(below) and above >= 0 and below >= 0) or above == below == 0:
+    if kind == "." or not (0 <= above < math.inf and 0 <= below < math.inf) or above == below == 0:
         return "-"
     return "x>100" if above > 100 * below else f"x{above / below:.2f}"
 
@@ -168,10 +165,8 @@ class Table:
 
     def lines(self) -> list[str]:
         """The rows as a markdown table."""
-        many, one = IN_FLIGHT
-        head = (
-            f"| figure | default ({many} in flight, batches) | one at a time ({one} in flight) | default is x better |"
-        )
+        many, one = (f"{in_flight} in flight" for in_flight in IN_FLIGHT)
+        head = f"| figure | default ({many}, batches) | one at a time ({one}) | default is x better |"
         return [head, "|---|---|---|---|", *(f"| {row.label} | {' | '.join(row.cells())} |" for row in self.rows)]
 
     def finish_run(self, stopped: list[Service]) -> None:
