@@ -261,12 +261,8 @@ async def measure(system: System, window_s: float) -> Window:
     closes = min(next(shot.stamp for shot in service.stats if shot.stamp >= wanted) for service in services)
     for service in services:
         await service.until(lambda service=service: service.health[-1].stamp >= closes - HEALTH_SLACK_S, "/health")
-    return Window(
-        opens,
-        closes,
-        stats={service.name: list(service.stats) for service in services},
-        health={service.name: list(service.health) for service in services},
-    )
+    stats = {service.name: list(service.stats) for service in services}
+    return Window(opens, closes, stats, {service.name: list(service.health) for service in services})
 
 
 def is_flowing(snapshot: Snapshot) -> bool:
