@@ -44,6 +44,7 @@ from tools.bench_system import BENCH_CLIENT, BenchError, Service, System, Window
 RELAY_DESIGN = {8: ("max_in_flight=8",), 1: ("max_in_flight=1", "max_batch=1")}
 IN_FLIGHT = tuple(RELAY_DESIGN)
 RATE_STEPS = ((10, 1), (100, 1), (1000, 1), (100, 10))  # (rate, num_tasks) of the agent-rate rows
+DEFAULT_AGENTS = ("agent-1", "agent-2", "agent-3")  # service_config.json's
 LATENCY_RATES = (200, 500, 1000)  # agent-3's rate in the default config for the latency rows (it is 100 there)
 UNSTORED_RATE = 1000  # agent-3's rate for the row of samples not stored
 # The offered load (samples/s from one agent task) while looking for the relay ceiling.
@@ -112,26 +113,19 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[Row] = []
         latency, two, three = "latency ms p50 / p90 / p99", "{:.2f} / {:.2f} / {:.2f}", "{:.0f} / {:.0f} / {:.0f}"
-        self.rates = {
-            (rate, count): self.row(
-                f"agent rate, achieved/configured: {rate:g} Hz x {count} task{'s' if count > 1 else ''}",
-                "{:.3f} ±{:.3f}",
-            )
-            for rate, count in RATE_STEPS
-        }
+        self.rates: dict[tuple[int, int], Row] = {}
+        for rate, count in RATE_STEPS:
+            label = f"agent rate, achieved/configured: {rate:g} Hz x {count} task{'s' if count > 1 else ''}"
+            self.rates[rate, count] = self.row(label, "{:.3f} ±{:.3f}")
         rate, count = next(step for step in RATE_STEPS if step[1] > 1)
         self.duplicates = self.row(
             f"duplicate sequence numbers on /sample, {rate:g} Hz x {count} tasks: duplicates / received",
             "{:.0f} / {:.0f}",
         )
         # By agent at the default config, or by agent-3's rate.
-        self.latency: dict[str | int, Row] = {
-            agent: self.row(f"{latency}, default config, {agent}", two, "<<<")
-            for agent in ("agent-1", "agent-2", "agent-3")
-        }
-        self.latency.update(
-            {rate: self.row(f"{latency}, agent-3 at {rate:g} Hz", two, "<<<") for rate in LATENCY_RATES}
-        )
+        places: dict[str | int, str] = {agent: f"default config, {agent}" for agent in DEFAULT_AGENTS}
+        places.update({rate: f"agent-3 at {rate:g} Hz" for rate in LATENCY_RATES})
+        self.latency = {key: self.row(f"{latency}, {place}", two, "<<<") for key, place in places.items()}
         self.unstored = self.row(
             f"agent-3 at {UNSTORED_RATE} Hz: unstored/s (dropped + not stored + refused + agent queue) / relayable/s",
             "{:.0f} / {:.0f}",
@@ -226,7 +220,7 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
     """
 
     def latency(window: Window, in_flight: int, rate: int | None) -> None:
-        for agent in ("agent-1", "agent-2", "agent-3") if rate is None else ("agent-3",):
+        for agent in DEFAULT_AGENTS if rate is None else ("agent-3",):
             latencies = (window.figure(agent, f"latency_p{p}_ms") for p in (50, 90, 99))  # over its last 5 s
             table.latency[agent if rate is None else rate].add(in_flight, *latencies)
         if rate == UNSTORED_RATE:
