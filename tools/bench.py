@@ -233,15 +233,16 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
             table.rates[rate, tasks].add(IN_FLIGHT[0], achieved, 1 / (rate * tasks * window.seconds()))
 
     def relay(window: Window, in_flight: int, rate: int, level: str) -> None:
-        if rate == CPU_RATE:
-            table.cpu[level].add(in_flight, *cpu_per_thousand(window))
+        stored = window.per_second(RELAY_SUPERVISOR, "stored")
+        if rate == CPU_RATE:  # each process's CPU s per 1000 samples stored
+            cpu = (1000 * window.cpu_share(name) / stored if stored else math.nan for name in RELAY_NAMES)
+            table.cpu[level].add(in_flight, *cpu)
         if level == "INFO":  # a step for its CPU row only
             return
         if (rate, 1) in table.rates and in_flight == IN_FLIGHT[0]:
             agent_rates(window, [(rate, 1)])
         lost, _ = unstored(window, RELAY_SUPERVISOR, RELAY_AGENT)
-        published = window.per_second(RELAY_AGENT, "published")
-        table.relay[rate].add(in_flight, published, window.per_second(RELAY_SUPERVISOR, "stored"), lost)
+        table.relay[rate].add(in_flight, window.per_second(RELAY_AGENT, "published"), stored, lost)
         if rate == CEILING_RATES[-1]:
             table.rss.add(in_flight, *(window.end(name).rss_bytes / 2**20 for name in RELAY_NAMES))
 
@@ -272,12 +273,6 @@ def unstored(window: Window, supervisor: str, agent: str) -> tuple[float, float]
     queue_lost = window.health_per_second(agent, "/sample/dropped")
     relayable = window.per_second(supervisor, "received") - window.per_second(supervisor, "below_confidence")
     return lost + queue_lost, relayable + queue_lost
-
-
-def cpu_per_thousand(window: Window) -> tuple[float, ...]:
-    """CPU seconds each process of a relay step used per 1000 samples the supervisor stored."""
-    stored = window.per_second(RELAY_SUPERVISOR, "stored")
-    return tuple(1000 * window.cpu_share(name) / stored if stored else math.nan for name in RELAY_NAMES)
 
 
 async def run_once(table: Table, steps: list[Step], directory: Path, window_s: float, jobs: int) -> None:
