@@ -226,7 +226,7 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
         if rate == UNSTORED_RATE:
             table.unstored.add(in_flight, *unstored(window, "supervisor-2", "agent-3"))
 
-    def agent_rates(window: Window, loads: Sequence[tuple[int, int]]) -> None:
+    def agent_rates(loads: Sequence[tuple[int, int]], window: Window) -> None:
         for number, (rate, tasks) in enumerate(loads, 1):
             # Samples/s over the configured rate, and its resolution: one whole sample in the window.
             achieved = window.per_second(f"agent-{number}", "published") / (rate * tasks)
@@ -240,7 +240,7 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
         if level == "INFO":  # a step for its CPU row only
             return
         if (rate, 1) in table.rates and in_flight == IN_FLIGHT[0]:
-            agent_rates(window, [(rate, 1)])
+            agent_rates([(rate, 1)], window)
         lost, _ = unstored(window, RELAY_SUPERVISOR, RELAY_AGENT)
         table.relay[rate].add(in_flight, window.per_second(RELAY_AGENT, "published"), stored, lost)
         if rate == CEILING_RATES[-1]:
@@ -253,9 +253,8 @@ def plan(table: Table, quick: bool = False) -> list[Step]:
     for loads in [OWN_RATE_STEPS] if quick else [[load] for load in OWN_RATE_STEPS]:
         rates = ", ".join(f"{rate:g} Hz x {tasks}" for rate, tasks in loads)
         counted = next((f"agent-{number}" for number, (_, tasks) in enumerate(loads, 1) if tasks > 1), None)
-        fill = partial(agent_rates, loads=loads)
-        entries = relay_entries(loads, "WARNING", IN_FLIGHT[0])
-        steps.append(Step(f"agents at {rates}, side by side" if quick else f"agent at {rates}", entries, fill, counted))
+        what = f"agents at {rates}, side by side" if quick else f"agent at {rates}"
+        steps.append(Step(what, relay_entries(loads, "WARNING", IN_FLIGHT[0]), partial(agent_rates, loads), counted))
     for rate, level in [*((rate, "WARNING") for rate in CEILING_RATES), (CPU_RATE, "INFO")]:
         what = f"relay at {rate:g}/s{' at INFO' if level == 'INFO' else ''}"
         steps += both(what, partial(relay_entries, [(rate, 1)], level), partial(relay, rate=rate, level=level))
