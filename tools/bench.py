@@ -113,6 +113,7 @@ class Table:
     def __init__(self) -> None:
         self.rows: list[Row] = []
         latency, two, three = "latency ms p50 / p90 / p99", "{:.2f} / {:.2f} / {:.2f}", "{:.0f} / {:.0f} / {:.0f}"
+        each = "agent / supervisor / storage"
         self.rates: dict[tuple[int, int], Row] = {}
         for rate, count in RATE_STEPS:
             label = f"agent rate, achieved/configured: {rate:g} Hz x {count} task{'s' if count > 1 else ''}"
@@ -136,21 +137,19 @@ class Table:
             for rate in CEILING_RATES
         }
         self.ceiling = self.row("relay ceiling: best stored/s over the steps", "{:.0f}", ">")
-        cpu = f"CPU s per 1000 relayed at {CPU_RATE}/s, {{}}: agent / supervisor / storage"
+        cpu = f"CPU s per 1000 relayed at {CPU_RATE}/s, {{}}: {each}"
         self.cpu = {level: self.row(cpu.format(level), "{:.3f} / {:.3f} / {:.3f}", "<<<") for level in CPU_LOG_LEVELS}
         self.floor = self.row(
             "floor, CPU ms: one bare farm-ng-core requestReply (client + server) / one subscribed event (both ends)",
             "{:.3f} / {:.3f}",
         )
         self.in_floors = self.row(
-            f"CPU per relay at {CPU_RATE}/s, WARNING, in floors: agent / supervisor / storage / all",
+            f"CPU per relay at {CPU_RATE}/s, WARNING, in floors: {each} / all",
             "{:.2f} / {:.2f} / {:.2f} / {:.2f}",
             "<<<<",
         )
-        self.rss = self.row("RSS MB after the ceiling steps: agent / supervisor / storage", three, "<<<")
-        self.stop = self.row(
-            "stop after SIGTERM, ms, slowest of every step's services: agent / supervisor / storage", three
-        )
+        self.rss = self.row(f"RSS MB after the ceiling steps: {each}", three, "<<<")
+        self.stop = self.row(f"stop after SIGTERM, ms, slowest of every step's services: {each}", three)
 
     def row(self, label: str, form: str, better: str = "") -> Row:
         """A new row, after those made before."""
