@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -203,11 +202,11 @@ class Window:
 
     def per_second(self, name: str, *keys: str) -> float:
         """How fast the sum of ``name``'s ``/stats`` counters ``keys`` grew (NaN if one is not a number)."""
-        return sum(self.rate(self.stats[name], functools.partial(counter, key=key)) for key in keys)
+        return sum(self.rate(self.stats[name], lambda shot, key=key: counter(shot, key)) for key in keys)
 
     def health_per_second(self, name: str, key: str) -> float:
         """How fast one of ``name``'s ``/health`` counters grew."""
-        return self.rate(self.health[name], functools.partial(counter, key=key), HEALTH_SLACK_S)
+        return self.rate(self.health[name], lambda shot: counter(shot, key), HEALTH_SLACK_S)
 
     def cpu_share(self, name: str) -> float:
         """CPU seconds ``name``'s process used per second of the interval."""
@@ -273,15 +272,14 @@ def is_flowing(snapshot: Snapshot) -> bool:
 
 async def floor(seconds: float) -> tuple[float, float]:
     """CPU ms of one bare farm-ng-core ``requestReply`` and of one subscribed event, both ends here, no step beside."""
-    port = processes.free_ports(1)[0]
     server = grpc.aio.server()
+    port = server.add_insecure_port("localhost:0")  # a free one: bound at once
     service = EventServiceGrpc(server, EventServiceConfig(name="floor", host="localhost", port=port))
 
     async def reply(_request: RequestReplyRequest) -> Empty:
         return Empty()
 
     service.add_request_reply_handler(reply)
-    server.add_insecure_port(f"localhost:{port}")
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"localhost:{port}") as channel:
