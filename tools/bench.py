@@ -84,8 +84,7 @@ class Row:
 
     def median(self, in_flight: int) -> tuple[float, ...] | None:
         """Each number's median over the runs; None if none measured it."""
-        runs = self.runs.get(in_flight)
-        return tuple(statistics.median(parts) for parts in zip(*runs)) if runs else None
+        return tuple(map(statistics.median, zip(*self.runs[in_flight]))) if in_flight in self.runs else None
 
     def cells(self) -> list[str]:
         """Its cells: the default design's numbers, then (if it has them) one at a time's, and how much better."""
@@ -303,8 +302,7 @@ async def run_once(table: Table, steps: list[Step], directory: Path, window_s: f
                 table.duplicates.add(IN_FLIGHT[0], len(sequences) - len(set(sequences)), len(sequences))
 
     async def finish_stopping() -> None:
-        # Until the services of finished steps have stopped (wait(), not gather(): cancelling
-        # the caller must not cancel the stops); more may be stopping by then.
+        # wait(), not gather(): cancelling the caller must not cancel the stops. More may begin meanwhile.
         while not all(stop.done() for stop in stopping):
             await asyncio.wait(stopping)
 
