@@ -34,7 +34,7 @@ from rich.live import Live
 from rich.text import Text
 
 from propagation.cli import run_cli
-from propagation.config import ConfigError, Entry, check_endpoint, read_config, role_of
+from propagation.config import Entry, check, check_endpoint, read_config, role_of
 from propagation.peers import PeerClient
 from tools.figures import INVALID, NONE, number, sent_at, shown
 
@@ -114,8 +114,7 @@ class ServiceView:
             return None
         last = self.history[-1]
         first = next(stats for stats in self.history if stats.sent >= last.sent - window_s)
-        before = number(first.figures, counter)
-        return (number(last.figures, counter) or 0.0) - (0.0 if before is None else before), last.sent - first.sent
+        return (number(last.figures, counter) or 0.0) - (number(first.figures, counter) or 0.0), last.sent - first.sent
 
     def rate(self, counter: str) -> float | None:
         """How fast a counter grew over the last ``RATE_WINDOW_S``, per second; None before two ``/stats``."""
@@ -143,9 +142,7 @@ def views_of(config_path: str) -> list[ServiceView]:
     views = [ServiceView(entry) for entry in read_config(config_path) if role_of(entry) is not None]
     for view in views:
         check_endpoint(view.entry)
-    if not views:
-        msg = f"{config_path} has no storage, supervisor or agent entry with a port"
-        raise ConfigError(msg)
+    check(views != [], f"{config_path} has no storage, supervisor or agent entry with a port")
     return views
 
 
@@ -157,8 +154,7 @@ async def listen(view: ServiceView) -> None:
         async for event, message in client.subscribe(request, decode=True):
             if isinstance(message, Struct):
                 # A latched /stats may be a second old: its send stamp, not its arrival, says when it was true.
-                sent = sent_at(event) or time.monotonic()
-                view.add(Stats(event.sequence, sent, dict(message)), time.monotonic())
+                view.add(Stats(event.sequence, sent_at(event) or time.monotonic(), dict(message)), time.monotonic())
     finally:
         await client.close()
 
@@ -202,12 +198,10 @@ def legend(views: list[ServiceView], look: Look) -> str:
 def render(views: list[ServiceView], look: Look, now: float, width: int | None = None, explain: bool = False) -> Group:
     """The whole view: a summary line, the legend, then the tables of agents, supervisors and storage."""
     down = [view.name for view in views if not view.is_up(now)]
-    summary = f"{time.strftime('%H:%M:%S')}  {len(views)} services, {len(views) - len(down)} up"
-    if down:
-        summary += f", down: {', '.join(down)}"
     restarts = [f"{view.name} {view.restarted}" for view in views if view.restarted]
-    if restarts:
-        summary += f"; restarted: {', '.join(restarts)}"
+    summary = f"{time.strftime('%H:%M:%S')}  {len(views)} services, {len(views) - len(down)} up"
+    summary += f", down: {', '.join(down)}" if down else ""
+    summary += f"; restarted: {', '.join(restarts)}" if restarts else ""
     parts: list[Text] = [Text(summary), Text(legend(views, look), style="dim")]
     if explain:  # in place of the tables: a terminal may not hold both
         parts.append(Text("\nWhat each column means (? again shows the tables):"))
@@ -376,20 +370,24 @@ def plain_text(views: list[ServiceView], now: float) -> str:
 async def monitor(views: list[ServiceView], once: bool) -> None:
     """Listens to every service and shows what it hears until Ctrl-C (or once)."""
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+        asyncio.get_running_loop().add_signal_handler(signum, stop.set)
     listeners = [asyncio.ensure_future(listen(view)) for view in views]
     try:
         if once:
-            await gather_once(views, stop)
+            # Until each service sent ONCE_STATS /stats, or was never heard from in DOWN_AFTER_S.
+            started = time.monotonic()
+            while not stop.is_set() and (elapsed := time.monotonic() - started) < ONCE_TIMEOUT_S:
+                silent = elapsed >= DOWN_AFTER_S  # long enough to say that a service never heard from is down
+                if all(view.received >= ONCE_STATS or (silent and view.received == 0) for view in views):
+                    break
+                await wait_or_stop(stop, 0.1)
             print(plain_text(views, time.monotonic()), flush=True)
         elif sys.stdout.isatty():  # redrawn in place, as wide as the terminal
             explain = [False]
-            console = Console()
-            with keys(stop, explain), Live(console=console, auto_refresh=False) as live:
+            with keys(stop, explain), Live(auto_refresh=False) as live:
                 while not stop.is_set():
-                    live.update(render(views, LIVE, time.monotonic(), console.size.width, explain[0]), refresh=True)
+                    live.update(render(views, LIVE, time.monotonic(), live.console.width, explain[0]), refresh=True)
                     await wait_or_stop(stop, REFRESH_S)
         else:  # a snapshot every second, a blank line between them
             while not stop.is_set():
@@ -399,15 +397,6 @@ async def monitor(views: list[ServiceView], once: bool) -> None:
         for listener in listeners:
             listener.cancel()
         await asyncio.gather(*listeners, return_exceptions=True)
-
-
-async def gather_once(views: list[ServiceView], stop: asyncio.Event) -> None:
-    """Waits until each service sent ``ONCE_STATS`` ``/stats`` or was never heard from in ``DOWN_AFTER_S``."""
-    started = time.monotonic()
-    while not stop.is_set() and (elapsed := time.monotonic() - started) < ONCE_TIMEOUT_S:
-        if all(view.received >= ONCE_STATS or (view.received == 0 and elapsed >= DOWN_AFTER_S) for view in views):
-            return
-        await wait_or_stop(stop, 0.1)
 
 
 @contextlib.contextmanager

@@ -27,7 +27,7 @@ from google.protobuf.struct_pb2 import Struct
 from google.protobuf.wrappers_pb2 import Int32Value
 
 from propagation.cli import run_cli
-from propagation.config import ConfigError
+from propagation.config import check
 from propagation.wire import PUBLISHED, WrongMessage, decode
 from tools.figures import number, received_at, sent_at
 from tools.read_recording import read_events, recording_file
@@ -90,26 +90,19 @@ def pause_figures(messages: list[Counters], started: float) -> PauseFigures:
     """
     figures = PauseFigures()
     ordered = sorted(messages, key=lambda message: message.sent)
-    if not ordered:
-        return figures
     earlier = [message for message in ordered if message.sent < started]
-    if earlier:
-        base, recorded = (earlier[-1].pauses, earlier[-1].resumes), ordered[len(earlier) :]
-    else:
-        base, recorded = ordered[0].before(), ordered
-    last = base
-    seen: set[tuple[bool, int]] = set()
-    for message in recorded:
+    last = (earlier[-1].pauses, earlier[-1].resumes) if earlier else ordered[0].before() if ordered else (0, 0)
+    marked = list(last)  # the numbers of the last pause and resume marked (or counted at the start)
+    for message in ordered[len(earlier) :]:
         if message.pauses < last[0] or message.resumes < last[1]:  # it restarted
-            last = base = (0, 0)
-            seen.clear()
+            last, marked = (0, 0), [0, 0]
         figures.counted_pauses += message.pauses - last[0]
         figures.counted_resumes += message.resumes - last[1]
         last = (message.pauses, message.resumes)
         # An agent publishes /pauses at each change and every second: each transition is marked once.
-        mark = (bool(message.paused), message.number())
-        if message.is_transition() and mark[1] > base[0 if message.paused else 1] and mark not in seen:
-            seen.add(mark)
+        kind = 0 if message.paused else 1
+        if message.is_transition() and message.number() > marked[kind]:
+            marked[kind] = message.number()
             (figures.pauses if message.paused else figures.resumes).append(message.sent)
     return figures
 
@@ -257,29 +250,27 @@ def report(recording: Recording) -> list[str]:
 def sample_rates(stamps: list[float], start: float) -> tuple[list[float], list[float]]:
     """Samples/s in bins of ``RATE_BIN_S``: (bin middles since ``start``, rates); not the first and last, partial."""
     counts = Counter(int((stamp - start) // RATE_BIN_S) for stamp in stamps)
-    if not counts:
-        return [], []
-    bins = range(min(counts) + 1, max(counts))
+    bins = range(min(counts, default=0) + 1, max(counts, default=0))
     return [(index + 0.5) * RATE_BIN_S for index in bins], [counts[index] / RATE_BIN_S for index in bins]
 
 
-def draw(recording: Recording, title: str, output: Path, pyplot: Any) -> None:
+def draw(recording: Recording, title: str, output: Path) -> None:
     """Draws the two panels (the fill, each agent's samples/s) and writes the PNG."""
+    from matplotlib.figure import Figure  # noqa: PLC0415  (optional: main checked that it is there)
+
     start = recording.start()
-    figure, (fill_axes, rate_axes) = pyplot.subplots(2, 1, sharex=True, figsize=(9, 5.5), dpi=80)
+    figure = Figure(figsize=(9, 5.5), dpi=80)  # not pyplot's: no display, no window to close
+    fill_axes, rate_axes = figure.subplots(2, 1, sharex=True)
     figure.suptitle(f"storage fill and agent sample rates: {title}", fontsize=10)
     draw_fill(fill_axes, recording, start)
     for index, agent in enumerate(recording.agents()):
         times, rates = sample_rates(recording.samples.get(agent, []), start)
         rate_axes.plot(times, rates, color=f"C{index}", linewidth=1, label=agent)
-    rate_axes.set_ylabel(f"samples/s (per {RATE_BIN_S:g} s)")
-    rate_axes.set_ylim(bottom=0)
+    rate_axes.set(ylabel=f"samples/s (per {RATE_BIN_S:g} s)", ylim=(0, None))
     rate_axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
-    rate_axes.set_xlabel("seconds since the recording started")
-    rate_axes.set_xlim(left=0)
+    rate_axes.set(xlabel="seconds since the recording started", xlim=(0, None))
     figure.tight_layout()
     figure.savefig(output)
-    pyplot.close(figure)
 
 
 def draw_fill(axes: Any, recording: Recording, start: float) -> None:
@@ -317,8 +308,7 @@ def draw_fill(axes: Any, recording: Recording, start: float) -> None:
 
 def level_at(levels: list[tuple[float, float]], moment: float) -> float:
     """Storage's count as last known at ``moment``."""
-    known = [count for stamp, count in levels if stamp <= moment]
-    return known[-1] if known else 0.0
+    return next((count for stamp, count in reversed(levels) if stamp <= moment), 0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -336,19 +326,13 @@ def main(argv: list[str] | None = None) -> int:
     cli = build_parser().parse_args(argv)
     # Optional: only this script needs matplotlib.
     require(("matplotlib",), "matplotlib", "install it: .venv/bin/pip install -r requirements-dev.txt")
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")  # no display needed
-    from matplotlib import pyplot  # noqa: PLC0415
 
     def body() -> None:
         file = recording_file(cli.recording)
         output = Path(cli.output) if cli.output else file.with_suffix(".png")
-        if not output.parent.is_dir():
-            msg = f"cannot write {output}: folder {output.parent} does not exist"
-            raise ConfigError(msg)
+        check(output.parent.is_dir(), f"cannot write {output}: folder {output.parent} does not exist")
         recording = load(file)
-        draw(recording, file.name, output, pyplot)
+        draw(recording, file.name, output)
         print(*report(recording), f"wrote {output}", sep="\n")
 
     return run_cli(body)

@@ -24,7 +24,7 @@ from farm_ng.core.event_pb2 import Event
 from google.protobuf.message import DecodeError
 
 from propagation.cli import run_cli
-from propagation.config import ConfigError, service_name_in
+from propagation.config import ConfigError, check, service_name_in
 from propagation.network import MAX_MESSAGE_BYTES
 from tools.figures import received_at, sent_at
 
@@ -37,13 +37,9 @@ def recording_file(path: str) -> Path:
     if given.is_dir():
         # The recorder names files after the UTC time they were started.
         files = sorted(given.glob("*.bin"))
-        if not files:
-            msg = f"{path} holds no recording (*.bin)"
-            raise ConfigError(msg)
+        check(files != [], f"{path} holds no recording (*.bin)")
         return files[-1]
-    if not given.is_file():
-        msg = f"recording {path} does not exist"
-        raise ConfigError(msg)
+    check(given.is_file(), f"recording {path} does not exist")
     return given
 
 

@@ -14,6 +14,7 @@ import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core l
 
 import argparse
 import asyncio
+import contextlib
 import sys
 
 from farm_ng.core.event_service import EventServiceGrpc
@@ -59,14 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         entry = find_entry(read_config(cli.service_config), cli.service_name, cli.service_config)
         check_endpoint(entry)
-        if not any(arg == "--data-dir" or arg.startswith("--data-dir=") for arg in entry.args):  # RecorderService's
+        if not any(arg.partition("=")[0] == "--data-dir" for arg in entry.args):  # RecorderService's
             msg = f'service {entry.name!r} needs args ["--data-dir=<directory for recordings>"]'
             raise ConfigError(msg)
-        output = configure_logging(entry.log_level)
-        try:
+        with contextlib.closing(configure_logging(entry.log_level)):
             return asyncio.run(serve_recorder(entry))
-        finally:
-            output.close()
 
     return run_cli(body)
 

@@ -14,7 +14,6 @@ import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core l
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -27,7 +26,7 @@ from google.protobuf import json_format, text_format
 from google.protobuf.message import Message
 
 from propagation.cli import run_cli
-from propagation.config import ConfigError, check_endpoint, find_entry, read_config
+from propagation.config import ConfigError, check, check_endpoint, find_entry, read_config
 from propagation.peers import PeerClient
 
 
@@ -35,7 +34,7 @@ def describe(service_name: str, event: Event, message: Message | bytes) -> str:
     """``agent-3/sample 1234 {"sample": 0.53, "task_id": 0.0}``."""
     if isinstance(message, Message):
         try:
-            shown = json.dumps(json_format.MessageToDict(message), sort_keys=True)
+            shown = json_format.MessageToJson(message, indent=None, sort_keys=True)
         except ValueError as exc:  # NaN or infinity: JSON has no such number
             shown = f"{text_format.MessageToString(message, as_one_line=True)} (invalid: {exc})"
     else:
@@ -44,34 +43,28 @@ def describe(service_name: str, event: Event, message: Message | bytes) -> str:
 
 
 async def watch(config: EventServiceConfig, path: str, count: int | None) -> None:
-    """Prints the events of ``path`` until ``count`` have come, or until Ctrl-C or SIGTERM."""
-    printing = asyncio.ensure_future(print_events(config, path, count))
+    """Prints the events of ``path`` as they come until ``count`` have come, or until Ctrl-C or SIGTERM."""
     for signum in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(signum, printing.cancel)
-    with contextlib.suppress(asyncio.CancelledError):
-        await printing
-
-
-async def print_events(config: EventServiceConfig, path: str, count: int | None) -> None:
-    """Subscribes to one path of a service and prints each event as it comes."""
+        asyncio.get_running_loop().add_signal_handler(signum, asyncio.current_task().cancel)
     client = PeerClient(config, "watch")
     request = SubscribeRequest(uri=Uri(path=path, query=f"service_name={config.name}"), every_n=1)
     printed = 0
-    try:
-        async for event, message in client.subscribe(request, decode=True):
-            try:
-                print(describe(config.name, event, message), flush=True)
-            except BrokenPipeError:  # `| head` read what it wanted
-                # stdout to /dev/null: Python's last flush on the way out must not fail again.
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
-                os.close(devnull)
-                return
-            printed += 1
-            if count is not None and printed >= count:
-                return
-    finally:
-        await client.close()
+    with contextlib.suppress(asyncio.CancelledError):
+        try:
+            async for event, message in client.subscribe(request, decode=True):
+                try:
+                    print(describe(config.name, event, message), flush=True)
+                except BrokenPipeError:  # `| head` read what it wanted
+                    # stdout to /dev/null: Python's last flush on the way out must not fail again.
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, sys.stdout.fileno())
+                    os.close(devnull)
+                    return
+                printed += 1
+                if count is not None and printed >= count:
+                    return
+        finally:
+            await client.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,9 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         if cli.path != "*" and not cli.path.startswith("/"):
             msg = f"--path {cli.path!r} must start with '/' (e.g. /sample), or be '*'"
             raise ConfigError(msg)
-        if cli.count is not None and cli.count < 1:
-            msg = f"--count {cli.count} must be at least 1"
-            raise ConfigError(msg)
+        check(cli.count is None or cli.count >= 1, f"--count {cli.count} must be at least 1")
         asyncio.run(watch(entry.service_config(), cli.path, cli.count))
 
     return run_cli(body)
