@@ -162,12 +162,6 @@ class PeerClient:
             self._connection = _Connection(self.server_address, self._options)
         return self._connection
 
-    async def _replace(self, connection: _Connection) -> None:
-        """Retires a connection found dead: the next call makes a new one."""
-        if self._connection is connection:
-            self._connection = None
-            await connection.retire()
-
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
         connection, self._connection = self._connection, None
@@ -256,8 +250,10 @@ class PeerClient:
                         if message is not None:
                             yield reply.event, message
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() in REFUSALS:
-                        self._refused_subscription(request, exc)
+                    if (code := exc.code()) in REFUSALS:
+                        path = shown(request.uri.path)
+                        self._tally.add(f"{self.config.name}: %d subscription(s) to {path} refused ({code.name})")
+                        self._log.debug("%s: %s", self.config.name, exc.details())
                         pause = LIVENESS_S  # it may change its mind; not soon
                     else:
                         self._mark_down(connection, _rpc_reason(exc))
@@ -308,7 +304,9 @@ class PeerClient:
                 await stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
         except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel was closed
             self._mark_down(connection, why)
-            await self._replace(connection)
+            if self._connection is connection:  # retired: the next call makes a new one
+                self._connection = None
+                await connection.retire()
             return False
         connection.heard = time.monotonic()
         return True
@@ -322,11 +320,6 @@ class PeerClient:
         except WrongMessage as exc:
             self._refuse(f"events of {reply.event.uri.path}", exc)
             return None
-
-    def _refused_subscription(self, request: SubscribeRequest, exc: grpc.aio.AioRpcError) -> None:
-        code = exc.code().name  # one of REFUSALS
-        self._tally.add(f"{self.config.name}: %d subscription(s) to {shown(request.uri.path)} refused ({code})")
-        self._log.debug("%s: %s", self.config.name, exc.details())
 
     def _refuse(self, what: str, exc: WrongMessage) -> None:
         self.refused += 1
@@ -356,7 +349,5 @@ class PeerClient:
 
 
 def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:
-    code = exc.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "no answer in time"
-    return code.name.lower() if code is not None else "error"
+    code = exc.code()  # never None: AioRpcError is built with one
+    return "no answer in time" if code == grpc.StatusCode.DEADLINE_EXCEEDED else code.name.lower()
