@@ -168,11 +168,9 @@ class Freshness:
 
     def too_old(self, event: Event) -> bool:
         """Whether ``event`` waited more than ``MAX_AGE_S`` longer than the best recent sample."""
-        if not self._applies:
-            return False
         sent = get_stamp_by_semantics_and_clock_type(event, StampSemantics.SERVICE_SEND, "monotonic")
         received = get_stamp_by_semantics_and_clock_type(event, StampSemantics.CLIENT_RECEIVE, "monotonic")
-        if sent is None or received is None:
+        if not self._applies or sent is None or received is None:
             return False
         if event.sequence < self._sequence:  # a new agent process: a new reference
             self._minima.clear()
