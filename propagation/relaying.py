@@ -82,8 +82,7 @@ class AgentLink:
 class SampleQueue:
     """Samples above confidence waiting for a relay: at most ``MAX_PENDING``, taken in batches.
 
-    A full queue means the supervisor is overloaded: a longer one would only make the
-    residuals it relays older, so a further sample is counted as dropped.
+    Beyond that a sample is dropped: why, docs/design.md, "Relays, batches and freshness".
     """
 
     def __init__(self, max_batch: int, counts: SupervisorCounts, log: logging.Logger) -> None:
