@@ -105,7 +105,7 @@ class _Connection:
         self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = EventServiceStub(self.channel)
         self._calls = 0
-        self._retired = False
+        self.retired = False  # found dead: no new calls
         self.heard = -LIVENESS_S  # when something last came from the peer on it (monotonic)
 
     def lively(self) -> bool:
@@ -120,14 +120,8 @@ class _Connection:
             yield self.stub
         finally:
             self._calls -= 1
-            if self._retired and self._calls == 0:
+            if self.retired and self._calls == 0:
                 await self.channel.close(None)
-
-    async def retire(self) -> None:
-        """No new calls; the channel closes when the last one ends."""
-        self._retired = True
-        if self._calls == 0:
-            await self.channel.close(None)
 
 
 class PeerClient:
@@ -299,15 +293,15 @@ class PeerClient:
 
     async def _answers(self, connection: _Connection, why: str) -> bool:
         """Whether the peer answers a ``listUris`` on ``connection`` in time; if not, it is down and is reconnected."""
-        try:
-            async with connection.call() as stub:
+        async with connection.call() as stub:
+            try:
                 await stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel was closed
-            self._mark_down(connection, why)
-            if self._connection is connection:  # retired: the next call makes a new one
-                self._connection = None
-                await connection.retire()
-            return False
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel was closed
+                self._mark_down(connection, why)
+                if self._connection is connection:  # the next call makes a new one; this closes after its last
+                    self._connection = None
+                    connection.retired = True
+                return False
         connection.heard = time.monotonic()
         return True
 
