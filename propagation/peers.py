@@ -74,10 +74,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 # For a stream that must stay fresh (a supervisor reading an agent's samples): at most about
-# 1 kB runs ahead of what the receiver has read. With gRPC's window (it grows to 4 MB) a thin
-# link fills with seconds of samples, stale when they arrive; with this the sender's queue
-# fills and drops instead (counted in its /health). Honoured from grpcio 1.74 on. Not on
-# loopback: no link is thin there, and so small a window caps a stream at ~1,200 samples/s.
+# 1 kB runs ahead of what the receiver has read. Why, and why not on loopback: docs/networks.md,
+# "A thin link".
 FRESH_STREAM_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
 
 
