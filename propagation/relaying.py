@@ -34,12 +34,7 @@ MAX_PENDING = 64
 
 @dataclasses.dataclass
 class SupervisorCounts:
-    """What a supervisor counts for ``/stats``.
-
-    Every sample above confidence ends in exactly one of ``stored``, ``refused`` (storage was
-    full), ``not_stored`` (the call never left), ``unconfirmed`` (it left, no valid reply
-    came), ``dropped`` (the supervisor was overloaded) or ``too_old`` (docs/design.md).
-    """
+    """What a supervisor counts for ``/stats``: each sample ends in exactly one count, as docs/design.md says."""
 
     received: int = 0
     malformed: int = 0
@@ -151,9 +146,7 @@ class Freshness:
     """Whether a sample waited too long on the way to relay (docs/design.md, "freshness").
 
     Its delay (arrival here minus sending on the agent's clock) is compared with the smallest
-    of the last ``WINDOW_S``: the clocks' offset cancels. A new agent process (its sequence
-    starts again) starts a new reference. An agent on loopback is not judged
-    (``applies=False``): a stall of this machine is not a thin link.
+    of the last ``WINDOW_S``; with ``applies=False`` (an agent on loopback) none is too old.
     """
 
     MAX_AGE_S = 0.6
