@@ -107,8 +107,7 @@ class PathGuard(grpc.aio.ServerInterceptor):
                 self._count(REFUSED_SUBSCRIPTIONS, "refused %d subscription(s) to paths this service does not publish")
                 await context.abort(grpc.StatusCode.NOT_FOUND, f"nothing is published on {shown(path)} here")
             address = address_of_peer(context.peer())
-            full = self._full(address)
-            if full:
+            if full := self._full(address):
                 self._count(REFUSED_SUBSCRIPTIONS, f"refused %d subscription(s): {full}")
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, full)
             self._open(address, +1)
@@ -123,9 +122,7 @@ class PathGuard(grpc.aio.ServerInterceptor):
     def _full(self, address: str) -> str | None:
         """Why a subscriber at ``address`` gets no slot now; None if it does."""
         if address in self._trusted:
-            if self._trusted_subscribers >= MAX_SUBSCRIBERS:
-                return f"{MAX_SUBSCRIBERS} subscribers already"
-            return None
+            return f"{MAX_SUBSCRIBERS} subscribers already" if self._trusted_subscribers >= MAX_SUBSCRIBERS else None
         if sum(self._strangers.values()) >= STRANGER_SUBSCRIBERS:
             return f"{STRANGER_SUBSCRIBERS} subscribers from outside the config's hosts already"
         if self._strangers.get(address, 0) >= STRANGER_SUBSCRIBERS_EACH:

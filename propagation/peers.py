@@ -74,10 +74,8 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 # For a stream that must stay fresh (a supervisor reading an agent's samples): at most about
-# 1 kB runs ahead of what the receiver has read. With gRPC's window (it grows to 4 MB) a thin
-# link fills with seconds of samples, stale when they arrive; with this the sender's queue
-# fills and drops instead (counted in its /health). Honoured from grpcio 1.74 on. Not on
-# loopback: no link is thin there, and so small a window caps a stream at ~1,200 samples/s.
+# 1 kB runs ahead of what the receiver has read. Why, and why not on loopback: docs/networks.md,
+# "A thin link".
 FRESH_STREAM_OPTIONS: tuple[tuple[str, Any], ...] = (("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 1024))
 
 
@@ -105,7 +103,7 @@ class _Connection:
         self.channel = grpc.aio.insecure_channel(address, options=options)
         self.stub = EventServiceStub(self.channel)
         self._calls = 0
-        self._retired = False
+        self.retired = False  # found dead: no new calls
         self.heard = -LIVENESS_S  # when something last came from the peer on it (monotonic)
 
     def lively(self) -> bool:
@@ -120,14 +118,8 @@ class _Connection:
             yield self.stub
         finally:
             self._calls -= 1
-            if self._retired and self._calls == 0:
+            if self.retired and self._calls == 0:
                 await self.channel.close(None)
-
-    async def retire(self) -> None:
-        """No new calls; the channel closes when the last one ends."""
-        self._retired = True
-        if self._calls == 0:
-            await self.channel.close(None)
 
 
 class PeerClient:
@@ -161,12 +153,6 @@ class PeerClient:
         if self._connection is None:
             self._connection = _Connection(self.server_address, self._options)
         return self._connection
-
-    async def _replace(self, connection: _Connection) -> None:
-        """Retires a connection found dead: the next call makes a new one."""
-        if self._connection is connection:
-            self._connection = None
-            await connection.retire()
 
     async def close(self) -> None:
         """Closes the channel; calls in flight are cancelled."""
@@ -256,8 +242,10 @@ class PeerClient:
                         if message is not None:
                             yield reply.event, message
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() in REFUSALS:
-                        self._refused_subscription(request, exc)
+                    if (code := exc.code()) in REFUSALS:
+                        path = shown(request.uri.path)
+                        self._tally.add(f"{self.config.name}: %d subscription(s) to {path} refused ({code.name})")
+                        self._log.debug("%s: %s", self.config.name, exc.details())
                         pause = LIVENESS_S  # it may change its mind; not soon
                     else:
                         self._mark_down(connection, _rpc_reason(exc))
@@ -303,13 +291,15 @@ class PeerClient:
 
     async def _answers(self, connection: _Connection, why: str) -> bool:
         """Whether the peer answers a ``listUris`` on ``connection`` in time; if not, it is down and is reconnected."""
-        try:
-            async with connection.call() as stub:
+        async with connection.call() as stub:
+            try:
                 await stub.listUris(ListUrisRequest(), timeout=PROBE_TIMEOUT_S)
-        except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel was closed
-            self._mark_down(connection, why)
-            await self._replace(connection)
-            return False
+            except (grpc.aio.AioRpcError, grpc.aio.UsageError):  # UsageError: its channel was closed
+                self._mark_down(connection, why)
+                if self._connection is connection:  # the next call makes a new one; this closes after its last
+                    self._connection = None
+                    connection.retired = True
+                return False
         connection.heard = time.monotonic()
         return True
 
@@ -322,11 +312,6 @@ class PeerClient:
         except WrongMessage as exc:
             self._refuse(f"events of {reply.event.uri.path}", exc)
             return None
-
-    def _refused_subscription(self, request: SubscribeRequest, exc: grpc.aio.AioRpcError) -> None:
-        code = exc.code().name  # one of REFUSALS
-        self._tally.add(f"{self.config.name}: %d subscription(s) to {shown(request.uri.path)} refused ({code})")
-        self._log.debug("%s: %s", self.config.name, exc.details())
 
     def _refuse(self, what: str, exc: WrongMessage) -> None:
         self.refused += 1
@@ -356,7 +341,5 @@ class PeerClient:
 
 
 def _rpc_reason(exc: grpc.aio.AioRpcError) -> str:
-    code = exc.code()
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "no answer in time"
-    return code.name.lower() if code is not None else "error"
+    code = exc.code()  # never None: AioRpcError is built with one
+    return "no answer in time" if code == grpc.StatusCode.DEADLINE_EXCEEDED else code.name.lower()

@@ -34,12 +34,7 @@ MAX_PENDING = 64
 
 @dataclasses.dataclass
 class SupervisorCounts:
-    """What a supervisor counts for ``/stats``.
-
-    Every sample above confidence ends in exactly one of ``stored``, ``refused`` (storage was
-    full), ``not_stored`` (the call never left), ``unconfirmed`` (it left, no valid reply
-    came), ``dropped`` (the supervisor was overloaded) or ``too_old`` (docs/design.md).
-    """
+    """What a supervisor counts for ``/stats``: each sample ends in exactly one count, as docs/design.md says."""
 
     received: int = 0
     malformed: int = 0
@@ -82,8 +77,7 @@ class AgentLink:
 class SampleQueue:
     """Samples above confidence waiting for a relay: at most ``MAX_PENDING``, taken in batches.
 
-    A full queue means the supervisor is overloaded: a longer one would only make the
-    residuals it relays older, so a further sample is counted as dropped.
+    Beyond that a sample is dropped: why, docs/design.md, "Relays, batches and freshness".
     """
 
     def __init__(self, max_batch: int, counts: SupervisorCounts, log: logging.Logger) -> None:
@@ -152,9 +146,7 @@ class Freshness:
     """Whether a sample waited too long on the way to relay (docs/design.md, "freshness").
 
     Its delay (arrival here minus sending on the agent's clock) is compared with the smallest
-    of the last ``WINDOW_S``: the clocks' offset cancels. A new agent process (its sequence
-    starts again) starts a new reference. An agent on loopback is not judged
-    (``applies=False``): a stall of this machine is not a thin link.
+    of the last ``WINDOW_S``; with ``applies=False`` (an agent on loopback) none is too old.
     """
 
     MAX_AGE_S = 0.6
@@ -168,11 +160,9 @@ class Freshness:
 
     def too_old(self, event: Event) -> bool:
         """Whether ``event`` waited more than ``MAX_AGE_S`` longer than the best recent sample."""
-        if not self._applies:
-            return False
         sent = get_stamp_by_semantics_and_clock_type(event, StampSemantics.SERVICE_SEND, "monotonic")
         received = get_stamp_by_semantics_and_clock_type(event, StampSemantics.CLIENT_RECEIVE, "monotonic")
-        if sent is None or received is None:
+        if not self._applies or sent is None or received is None:
             return False
         if event.sequence < self._sequence:  # a new agent process: a new reference
             self._minima.clear()

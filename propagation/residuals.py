@@ -95,11 +95,8 @@ def same_host_clock(stamp: Timestamp, local_clock: str) -> bool:
 class ResidualFilter:
     """Which residuals an agent applies: the newest of storage's, never one from the future.
 
-    Calls can overtake each other: one older than the last applied is stale, but only within
-    ``WINDOW_S`` of it, longer than any residual is on its way (a call to storage and one to
-    the agent, 1 s each), so that a forged stamp from storage's future blocks real ones that
-    long at most. One stamped later than now on this host's own clock is refused: no storage
-    wrote it. One without a stamp (farm-ng's original supervisor) always applies.
+    One older than the last applied is stale within ``WINDOW_S`` of it; one without a stamp
+    (farm-ng's original supervisor) always applies. Why: docs/design.md, "Residual order".
     """
 
     WINDOW_S = 2.0
@@ -145,11 +142,8 @@ class PauseView:
 class Outbox:
     """What a supervisor has to tell one agent: a few calls at a time, the newest residual next.
 
-    A residual that comes while the agent's calls are all under way waits, and a newer one
-    replaces it (``superseded``): an agent needs the room left now. A slow agent holds
-    ``MAX_CALLS`` calls at most, never its siblings' turn, and on a slow link a residual need
-    not wait for the reply to the one before. An agent that never says whether it is paused
-    (farm-ng's original) gets one call at a time: the last delivered is the last it applied.
+    ``MAX_CALLS`` at once, one for an agent that never says whether it is paused; a newer
+    residual replaces one that waits (``superseded``). Why: docs/design.md, "Residual order".
     """
 
     MAX_CALLS = 4

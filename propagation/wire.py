@@ -9,8 +9,7 @@ travel beside farm-ng-core's own; a program that knows only the original contrac
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING, Mapping, NamedTuple
 
 from farm_ng.core.stamp import StampSemantics
 from farm_ng.core.timestamp_pb2 import Timestamp
@@ -47,8 +46,7 @@ PUBLISHED: Mapping[str, type[Message]] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class Contract:
+class Contract(NamedTuple):
     """What one role serves: each request/reply path with the message it carries in, and the paths it publishes."""
 
     requests: Mapping[str, type[Message]]
