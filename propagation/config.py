@@ -14,7 +14,7 @@ import re
 import stat
 from typing import Any, Callable, Mapping, Sequence
 
-from propagation.network import check_host
+from propagation.network import host_problem
 
 # A config of this example is about 1 kB: room for big systems, while a wrong file (a log,
 # an image, /dev/zero) is not read or parsed for long.
@@ -327,7 +327,5 @@ def check_endpoint(entry: Entry) -> None:
     where = f"service {entry.name!r}"
     check(entry.host != "", f"{where} has no host in the config")
     check(0 < entry.port < 65536, f"{where} has port {entry.port} in the config; it needs one in 1..65535")
-    try:
-        check_host(f"{where} has host {entry.host!r}", entry.host, entry.port)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    problem = host_problem(entry.host, entry.port)
+    check(problem is None, f"{where} has host {entry.host!r}: {problem}")
