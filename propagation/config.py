@@ -7,12 +7,11 @@ load, with a ``ConfigError`` of one line naming the file, entry, field or arg at
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import re
 import stat
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from propagation.network import host_problem
 
@@ -120,6 +119,7 @@ def read_config(path: str) -> list[Entry]:
 
 
 def _read_json(path: str) -> Any:
+    where = f"config file {path}"
     try:
         # Non-blocking: opening a FIFO must not wait for a writer.
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -131,59 +131,43 @@ def _read_json(path: str) -> Any:
         finally:
             os.close(descriptor)
     except FileNotFoundError:
-        msg = f"config file {path} does not exist"
+        msg = f"{where} does not exist"
         raise ConfigError(msg) from None
     except OSError as exc:
         msg = f"cannot read config file {path}: {exc.strerror}"
         raise ConfigError(msg) from None
     check(
-        len(data) <= MAX_CONFIG_BYTES,
-        f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: is it the right file?",
+        len(data) <= MAX_CONFIG_BYTES, f"{where} is larger than {MAX_CONFIG_BYTES // 1024} KiB: is it the right file?"
     )
     try:
-        text = data.decode("utf-8")
+        parsed = json.loads(data.decode("utf-8"), parse_int=_number, parse_float=_number, parse_constant=_number)
     except UnicodeDecodeError:
-        msg = f"config file {path} is not UTF-8 text"
+        msg = f"{where} is not UTF-8 text"
         raise ConfigError(msg) from None
-    try:
-        parsed = json.loads(
-            text,
-            parse_int=functools.partial(_bounded_number, int),
-            parse_float=functools.partial(_bounded_number, float),
-            parse_constant=_refuse_constant,
-        )
     except json.JSONDecodeError as exc:
-        msg = f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        msg = f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         raise ConfigError(msg) from None
     except (ValueError, RecursionError) as exc:
         reason = str(exc) if isinstance(exc, ValueError) else "nesting too deep"
-        msg = f"config file {path} is not valid JSON for a config: {reason}"
+        msg = f"{where} is not valid JSON for a config: {reason}"
         raise ConfigError(msg) from None
-    check(
-        not _nests_deeper(parsed, MAX_DEPTH),
-        f"config file {path} nests deeper than {MAX_DEPTH} levels: it is not a config",
-    )
+    check(not _nests_deeper(parsed, MAX_DEPTH), f"{where} nests deeper than {MAX_DEPTH} levels: it is not a config")
     return parsed
 
 
-def _bounded_number(convert: Callable[[str], Any], text: str) -> Any:
-    if len(text) > MAX_NUMBER_DIGITS:
-        msg = f"a number of {len(text)} characters"
+def _number(text: str) -> float:
+    """A number as the json module reads it, unless it is long, or Python's NaN or Infinity."""
+    constant = text in ("NaN", "Infinity", "-Infinity")
+    if constant or len(text) > MAX_NUMBER_DIGITS:
+        msg = f"{text} is not a JSON number" if constant else f"a number of {len(text)} characters"
         raise ValueError(msg)
-    return convert(text)
-
-
-def _refuse_constant(name: str) -> Any:
-    msg = f"{name} is not a JSON number"
-    raise ValueError(msg)
+    return float(text) if any(mark in text for mark in ".eE") else int(text)
 
 
 def _nests_deeper(value: Any, levels: int) -> bool:
     """Whether lists and objects nest in ``value`` deeper than ``levels``; recursion stops there."""
     children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
-    if children is None:
-        return False
-    return levels == 0 or any(_nests_deeper(child, levels - 1) for child in children)
+    return children is not None and (levels == 0 or any(_nests_deeper(child, levels - 1) for child in children))
 
 
 def _entry(where: str, index: int, raw: Any) -> Entry:
