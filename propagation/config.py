@@ -111,10 +111,9 @@ def read_config(path: str) -> list[Entry]:
     raw_entries = data.get("configs", [])
     check(len(raw_entries) <= MAX_ENTRIES, f"{where} has {len(raw_entries)} entries; at most {MAX_ENTRIES} are read")
     entries = [_entry(where, index, raw) for index, raw in enumerate(raw_entries)]
-    seen: set[str] = set()
-    for entry in entries:
-        check(entry.name not in seen, f"{where} has two entries named {entry.name!r}")
-        seen.add(entry.name)
+    names = [entry.name for entry in entries]
+    twice = next((name for index, name in enumerate(names) if name in names[:index]), None)
+    check(twice is None, f"{where} has two entries named {twice!r}")
     return entries
 
 
@@ -193,7 +192,11 @@ def _entry(where: str, index: int, raw: Any) -> Entry:
     )
     for uri in _bounded_list(where, "uris", raw.get("uris", [])):
         _uri(where, "each of uris", uri)
-    log_level = _log_level(where, raw.get("log_level", raw.get("logLevel", 0)))
+    # As farm-ng-core reads it: a LogLevel name, in capitals, or its number.
+    level = raw.get("log_level", raw.get("logLevel", 0))
+    log_level = LOG_LEVELS.get(level) if isinstance(level, str) else level
+    known = isinstance(log_level, int) and not isinstance(log_level, bool) and log_level in LOG_LEVELS.values()
+    check(known, f"{where}: log_level {level!r} is not one of {', '.join(LOG_LEVELS)}")
     args = raw.get("args", [])
     check(
         isinstance(args, list) and all(isinstance(item, str) for item in args),
@@ -203,15 +206,30 @@ def _entry(where: str, index: int, raw: Any) -> Entry:
         len(args) <= MAX_LIST and all(len(item) <= MAX_TEXT for item in args),
         f"{where}: args holds more than {MAX_LIST} items or an item longer than {MAX_TEXT} characters",
     )
-    _subscriptions(where, raw.get("subscriptions", []))
+    for subscription in _bounded_list(where, "subscriptions", raw.get("subscriptions", [])):
+        uri = subscription.get("uri") if isinstance(subscription, dict) else None
+        # A string is the form of farm-ng's documentation, which farm-ng-core cannot parse.
+        check(
+            not isinstance(uri, str),
+            f'{where}: subscription "uri": {uri!r} must be an object: {{"path": ..., "query": "service_name=..."}}',
+        )
+        check(
+            isinstance(uri, dict) and not set(subscription) - SUBSCRIPTION_FIELDS,
+            f'{where}: a subscription must be {{"uri": {{"path": ..., "query": ...}}, "every_n": 1}}',
+        )
+        _one_spelling(f"{where}: a subscription", subscription)
+        _uri(where, "a subscription's uri", uri)
+        every_n = _integer(where, "every_n", subscription.get("every_n", subscription.get("everyN", 0)))
+        check(
+            0 <= every_n <= MAX_EVERY_N,
+            f"{where}: every_n {every_n} must be in 0..{MAX_EVERY_N} (0 and 1: every event)",
+        )
     return Entry(name, host, port, log_level, tuple(args), raw)
 
 
 def _one_spelling(where: str, raw: Mapping[str, Any]) -> None:
     for name, other in SPELLINGS.items():
-        check(
-            name not in raw or other not in raw, f"{where} gives {name} twice, as {name!r} and as {other!r}: keep one"
-        )
+        check(not {name, other} <= raw.keys(), f"{where} gives {name} twice, as {name!r} and as {other!r}: keep one")
 
 
 def _integer(where: str, field: str, value: Any) -> int:
@@ -219,38 +237,9 @@ def _integer(where: str, field: str, value: Any) -> int:
     return value
 
 
-def _log_level(where: str, value: Any) -> int:
-    # As farm-ng-core reads it: a LogLevel name, in capitals, or its number.
-    level = LOG_LEVELS.get(value) if isinstance(value, str) else value
-    known = isinstance(level, int) and not isinstance(level, bool) and level in LOG_LEVELS.values()
-    check(known, f"{where}: log_level {value!r} is not one of {', '.join(LOG_LEVELS)}")
-    return level
-
-
 def _bounded_list(where: str, field: str, value: Any) -> list[Any]:
     check(isinstance(value, list) and len(value) <= MAX_LIST, f"{where}: {field} must be a list of at most {MAX_LIST}")
     return value
-
-
-def _subscriptions(where: str, value: Any) -> None:
-    for raw in _bounded_list(where, "subscriptions", value):
-        uri = raw.get("uri") if isinstance(raw, dict) else None
-        # A string is the form of farm-ng's documentation, which farm-ng-core cannot parse.
-        check(
-            not isinstance(uri, str),
-            f'{where}: subscription "uri": {uri!r} must be an object: {{"path": ..., "query": "service_name=..."}}',
-        )
-        check(
-            isinstance(uri, dict) and not set(raw) - SUBSCRIPTION_FIELDS,
-            f'{where}: a subscription must be {{"uri": {{"path": ..., "query": ...}}, "every_n": 1}}',
-        )
-        _one_spelling(f"{where}: a subscription", raw)
-        _uri(where, "a subscription's uri", uri)
-        every_n = _integer(where, "every_n", raw.get("every_n", raw.get("everyN", 0)))
-        check(
-            0 <= every_n <= MAX_EVERY_N,
-            f"{where}: every_n {every_n} must be in 0..{MAX_EVERY_N} (0 and 1: every event)",
-        )
 
 
 def _uri(where: str, what: str, uri: Any) -> None:
