@@ -53,8 +53,7 @@ def check(condition: bool, problem: str) -> None:
 
 def service_name_in(query: str) -> str | None:
     """The ``service_name`` a URI query (``service_name=agent-1``) names, if exactly one."""
-    pairs = (part.partition("=") for part in query.split("&"))
-    names = [value for key, _, value in pairs if key == "service_name"]
+    names = [value for key, _, value in (part.partition("=") for part in query.split("&")) if key == "service_name"]
     return names[0] if len(names) == 1 else None
 
 
@@ -88,16 +87,12 @@ def role_of(entry: Entry) -> str | None:
 
     ``Storage-2`` runs under storage.py; None without a port or a role (a recorder's entry, say).
     """
-    if not entry.port:
-        return None
-    name = entry.name.lower()
-    return next((role for role in ROLES if name.startswith(role)), None)
+    return next((role for role in ROLES if entry.port and entry.name.lower().startswith(role)), None)
 
 
 def script_role(script: str) -> str | None:
     """The role a script runs (``agent.py`` runs agents); None for another program."""
-    name = os.path.basename(script)
-    return next((role for role in ROLES if name == f"{role}.py"), None)
+    return next((role for role in ROLES if os.path.basename(script) == f"{role}.py"), None)
 
 
 def read_config(path: str) -> list[Entry]:

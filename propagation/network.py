@@ -128,9 +128,8 @@ def address_of_peer(peer: str) -> str:
     IPv4 in IPv6 form (``::ffff:10.0.0.2``) comes back as IPv4, a peer not on IP as its name.
     """
     kind, _, rest = peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return peer
-    return _normal(urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")) or peer
+    address = kind in ("ipv4", "ipv6") and _normal(urllib.parse.unquote(rest).rpartition(":")[0].strip("[]"))
+    return address or peer
 
 
 def _normal(host: str) -> str | None:
