@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 from propagation.config import ConfigError, Entry, check
 
@@ -38,7 +38,19 @@ def parse_args(entry: Entry, args_type: type[ArgsT]) -> ArgsT:
         check(sep != "" and key != "", f"{where}: arg {text!r} is not of the form key=value")
         check(key in fields, f"{where}: unknown arg {key!r} (it takes: {', '.join(fields)})")
         check(key not in values, f"{where}: arg {key!r} is given twice")
-        values[key] = _parse_value(f"{where}: arg {key}", value, types[key], fields[key].metadata)
+        kind, arg_where = types[key], f"{where}: arg {key}"
+        if kind not in (int, float):
+            msg = f"{arg_where}: fields of type {kind} are not supported"
+            raise TypeError(msg)
+        try:
+            number = kind(value)
+        except ValueError:
+            msg = f"{arg_where}={value!r} is not {'a whole number' if kind is int else 'a number'}"
+            raise ConfigError(msg) from None
+        check(math.isfinite(number), f"{arg_where}={value!r} is not a finite number")
+        low, high = fields[key].metadata.get("minimum"), fields[key].metadata.get("maximum")
+        check(low is None or high is None or low <= number <= high, f"{arg_where}={value} must be in {low}..{high}")
+        values[key] = number
     required = (name for name, field in fields.items() if field.default is dataclasses.MISSING)
     missing = next((name for name in required if name not in values), None)
     check(missing is None, f'{where}: missing arg {missing!r} (add "{missing}=..." to its args)')
@@ -47,18 +59,3 @@ def parse_args(entry: Entry, args_type: type[ArgsT]) -> ArgsT:
     except ValueError as exc:
         msg = f"{where}: {exc}"
         raise ConfigError(msg) from None
-
-
-def _parse_value(where: str, text: str, kind: type, bounds: Mapping[str, Any]) -> Any:
-    if kind not in (int, float):
-        msg = f"{where}: fields of type {kind} are not supported"
-        raise TypeError(msg)
-    try:
-        value = kind(text)
-    except ValueError:
-        msg = f"{where}={text!r} is not {'a whole number' if kind is int else 'a number'}"
-        raise ConfigError(msg) from None
-    check(math.isfinite(value), f"{where}={text!r} is not a finite number")
-    low, high = bounds.get("minimum"), bounds.get("maximum")
-    check(low is None or high is None or low <= value <= high, f"{where}={text} must be in {low}..{high}")
-    return value

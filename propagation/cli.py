@@ -61,15 +61,6 @@ def load(
     return ServiceSpec(entry, tuple(entries), parse_args(entry, args_type))
 
 
-def quiet_grpc_core() -> None:
-    """Keeps gRPC's C core to errors; call it before grpc loads (it reads GRPC_VERBOSITY once).
-
-    From grpcio 1.7x it writes a line at INFO on stderr whenever a peer's server goes away
-    (``Got goaway ... Cancelling all calls``): noise in a service's output and the monitor's.
-    """
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-
-
 def run(
     doc: str | None,
     args_type: type[ArgsT],

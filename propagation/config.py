@@ -7,14 +7,13 @@ load, with a ``ConfigError`` of one line naming the file, entry, field or arg at
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import re
 import stat
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from propagation.network import check_host
+from propagation.network import host_problem
 
 # A config of this example is about 1 kB: room for big systems, while a wrong file (a log,
 # an image, /dev/zero) is not read or parsed for long.
@@ -54,8 +53,7 @@ def check(condition: bool, problem: str) -> None:
 
 def service_name_in(query: str) -> str | None:
     """The ``service_name`` a URI query (``service_name=agent-1``) names, if exactly one."""
-    pairs = (part.partition("=") for part in query.split("&"))
-    names = [value for key, _, value in pairs if key == "service_name"]
+    names = [value for key, _, value in (part.partition("=") for part in query.split("&")) if key == "service_name"]
     return names[0] if len(names) == 1 else None
 
 
@@ -89,16 +87,12 @@ def role_of(entry: Entry) -> str | None:
 
     ``Storage-2`` runs under storage.py; None without a port or a role (a recorder's entry, say).
     """
-    if not entry.port:
-        return None
-    name = entry.name.lower()
-    return next((role for role in ROLES if name.startswith(role)), None)
+    return next((role for role in ROLES if entry.port and entry.name.lower().startswith(role)), None)
 
 
 def script_role(script: str) -> str | None:
     """The role a script runs (``agent.py`` runs agents); None for another program."""
-    name = os.path.basename(script)
-    return next((role for role in ROLES if name == f"{role}.py"), None)
+    return next((role for role in ROLES if os.path.basename(script) == f"{role}.py"), None)
 
 
 def read_config(path: str) -> list[Entry]:
@@ -112,14 +106,14 @@ def read_config(path: str) -> list[Entry]:
     raw_entries = data.get("configs", [])
     check(len(raw_entries) <= MAX_ENTRIES, f"{where} has {len(raw_entries)} entries; at most {MAX_ENTRIES} are read")
     entries = [_entry(where, index, raw) for index, raw in enumerate(raw_entries)]
-    seen: set[str] = set()
-    for entry in entries:
-        check(entry.name not in seen, f"{where} has two entries named {entry.name!r}")
-        seen.add(entry.name)
+    names = [entry.name for entry in entries]
+    twice = next((name for index, name in enumerate(names) if name in names[:index]), None)
+    check(twice is None, f"{where} has two entries named {twice!r}")
     return entries
 
 
 def _read_json(path: str) -> Any:
+    where = f"config file {path}"
     try:
         # Non-blocking: opening a FIFO must not wait for a writer.
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -131,59 +125,43 @@ def _read_json(path: str) -> Any:
         finally:
             os.close(descriptor)
     except FileNotFoundError:
-        msg = f"config file {path} does not exist"
+        msg = f"{where} does not exist"
         raise ConfigError(msg) from None
     except OSError as exc:
         msg = f"cannot read config file {path}: {exc.strerror}"
         raise ConfigError(msg) from None
     check(
-        len(data) <= MAX_CONFIG_BYTES,
-        f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB: is it the right file?",
+        len(data) <= MAX_CONFIG_BYTES, f"{where} is larger than {MAX_CONFIG_BYTES // 1024} KiB: is it the right file?"
     )
     try:
-        text = data.decode("utf-8")
+        parsed = json.loads(data.decode("utf-8"), parse_int=_number, parse_float=_number, parse_constant=_number)
     except UnicodeDecodeError:
-        msg = f"config file {path} is not UTF-8 text"
+        msg = f"{where} is not UTF-8 text"
         raise ConfigError(msg) from None
-    try:
-        parsed = json.loads(
-            text,
-            parse_int=functools.partial(_bounded_number, int),
-            parse_float=functools.partial(_bounded_number, float),
-            parse_constant=_refuse_constant,
-        )
     except json.JSONDecodeError as exc:
-        msg = f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        msg = f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         raise ConfigError(msg) from None
     except (ValueError, RecursionError) as exc:
         reason = str(exc) if isinstance(exc, ValueError) else "nesting too deep"
-        msg = f"config file {path} is not valid JSON for a config: {reason}"
+        msg = f"{where} is not valid JSON for a config: {reason}"
         raise ConfigError(msg) from None
-    check(
-        not _nests_deeper(parsed, MAX_DEPTH),
-        f"config file {path} nests deeper than {MAX_DEPTH} levels: it is not a config",
-    )
+    check(not _nests_deeper(parsed, MAX_DEPTH), f"{where} nests deeper than {MAX_DEPTH} levels: it is not a config")
     return parsed
 
 
-def _bounded_number(convert: Callable[[str], Any], text: str) -> Any:
-    if len(text) > MAX_NUMBER_DIGITS:
-        msg = f"a number of {len(text)} characters"
+def _number(text: str) -> float:
+    """A number as the json module reads it, unless it is long, or Python's NaN or Infinity."""
+    constant = text in ("NaN", "Infinity", "-Infinity")
+    if constant or len(text) > MAX_NUMBER_DIGITS:
+        msg = f"{text} is not a JSON number" if constant else f"a number of {len(text)} characters"
         raise ValueError(msg)
-    return convert(text)
-
-
-def _refuse_constant(name: str) -> Any:
-    msg = f"{name} is not a JSON number"
-    raise ValueError(msg)
+    return float(text) if any(mark in text for mark in ".eE") else int(text)
 
 
 def _nests_deeper(value: Any, levels: int) -> bool:
     """Whether lists and objects nest in ``value`` deeper than ``levels``; recursion stops there."""
     children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else None
-    if children is None:
-        return False
-    return levels == 0 or any(_nests_deeper(child, levels - 1) for child in children)
+    return children is not None and (levels == 0 or any(_nests_deeper(child, levels - 1) for child in children))
 
 
 def _entry(where: str, index: int, raw: Any) -> Entry:
@@ -209,7 +187,11 @@ def _entry(where: str, index: int, raw: Any) -> Entry:
     )
     for uri in _bounded_list(where, "uris", raw.get("uris", [])):
         _uri(where, "each of uris", uri)
-    log_level = _log_level(where, raw.get("log_level", raw.get("logLevel", 0)))
+    # As farm-ng-core reads it: a LogLevel name, in capitals, or its number.
+    level = raw.get("log_level", raw.get("logLevel", 0))
+    log_level = LOG_LEVELS.get(level) if isinstance(level, str) else level
+    known = isinstance(log_level, int) and not isinstance(log_level, bool) and log_level in LOG_LEVELS.values()
+    check(known, f"{where}: log_level {level!r} is not one of {', '.join(LOG_LEVELS)}")
     args = raw.get("args", [])
     check(
         isinstance(args, list) and all(isinstance(item, str) for item in args),
@@ -219,15 +201,30 @@ def _entry(where: str, index: int, raw: Any) -> Entry:
         len(args) <= MAX_LIST and all(len(item) <= MAX_TEXT for item in args),
         f"{where}: args holds more than {MAX_LIST} items or an item longer than {MAX_TEXT} characters",
     )
-    _subscriptions(where, raw.get("subscriptions", []))
+    for subscription in _bounded_list(where, "subscriptions", raw.get("subscriptions", [])):
+        uri = subscription.get("uri") if isinstance(subscription, dict) else None
+        # A string is the form of farm-ng's documentation, which farm-ng-core cannot parse.
+        check(
+            not isinstance(uri, str),
+            f'{where}: subscription "uri": {uri!r} must be an object: {{"path": ..., "query": "service_name=..."}}',
+        )
+        check(
+            isinstance(uri, dict) and not set(subscription) - SUBSCRIPTION_FIELDS,
+            f'{where}: a subscription must be {{"uri": {{"path": ..., "query": ...}}, "every_n": 1}}',
+        )
+        _one_spelling(f"{where}: a subscription", subscription)
+        _uri(where, "a subscription's uri", uri)
+        every_n = _integer(where, "every_n", subscription.get("every_n", subscription.get("everyN", 0)))
+        check(
+            0 <= every_n <= MAX_EVERY_N,
+            f"{where}: every_n {every_n} must be in 0..{MAX_EVERY_N} (0 and 1: every event)",
+        )
     return Entry(name, host, port, log_level, tuple(args), raw)
 
 
 def _one_spelling(where: str, raw: Mapping[str, Any]) -> None:
     for name, other in SPELLINGS.items():
-        check(
-            name not in raw or other not in raw, f"{where} gives {name} twice, as {name!r} and as {other!r}: keep one"
-        )
+        check(not {name, other} <= raw.keys(), f"{where} gives {name} twice, as {name!r} and as {other!r}: keep one")
 
 
 def _integer(where: str, field: str, value: Any) -> int:
@@ -235,38 +232,9 @@ def _integer(where: str, field: str, value: Any) -> int:
     return value
 
 
-def _log_level(where: str, value: Any) -> int:
-    # As farm-ng-core reads it: a LogLevel name, in capitals, or its number.
-    level = LOG_LEVELS.get(value) if isinstance(value, str) else value
-    known = isinstance(level, int) and not isinstance(level, bool) and level in LOG_LEVELS.values()
-    check(known, f"{where}: log_level {value!r} is not one of {', '.join(LOG_LEVELS)}")
-    return level
-
-
 def _bounded_list(where: str, field: str, value: Any) -> list[Any]:
     check(isinstance(value, list) and len(value) <= MAX_LIST, f"{where}: {field} must be a list of at most {MAX_LIST}")
     return value
-
-
-def _subscriptions(where: str, value: Any) -> None:
-    for raw in _bounded_list(where, "subscriptions", value):
-        uri = raw.get("uri") if isinstance(raw, dict) else None
-        # A string is the form of farm-ng's documentation, which farm-ng-core cannot parse.
-        check(
-            not isinstance(uri, str),
-            f'{where}: subscription "uri": {uri!r} must be an object: {{"path": ..., "query": "service_name=..."}}',
-        )
-        check(
-            isinstance(uri, dict) and not set(raw) - SUBSCRIPTION_FIELDS,
-            f'{where}: a subscription must be {{"uri": {{"path": ..., "query": ...}}, "every_n": 1}}',
-        )
-        _one_spelling(f"{where}: a subscription", raw)
-        _uri(where, "a subscription's uri", uri)
-        every_n = _integer(where, "every_n", raw.get("every_n", raw.get("everyN", 0)))
-        check(
-            0 <= every_n <= MAX_EVERY_N,
-            f"{where}: every_n {every_n} must be in 0..{MAX_EVERY_N} (0 and 1: every event)",
-        )
 
 
 def _uri(where: str, what: str, uri: Any) -> None:
@@ -327,7 +295,5 @@ def check_endpoint(entry: Entry) -> None:
     where = f"service {entry.name!r}"
     check(entry.host != "", f"{where} has no host in the config")
     check(0 < entry.port < 65536, f"{where} has port {entry.port} in the config; it needs one in 1..65535")
-    try:
-        check_host(f"{where} has host {entry.host!r}", entry.host, entry.port)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    problem = host_problem(entry.host, entry.port)
+    check(problem is None, f"{where} has host {entry.host!r}: {problem}")

@@ -197,7 +197,7 @@ class RepeatFilter(logging.Filter):
 def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     """Reads what is written to stderr (file descriptor 2) back into the log, until undone.
 
-    gRPC's C core logs to file descriptor 2 directly (how much: ``cli.quiet_grpc_core``), not
+    gRPC's C core logs to file descriptor 2 directly (how much: ``startup``), not
     through Python's logging: ``File descriptor limit reached. Retrying.`` once a second
     while a service is out of them. Each kind of core line (its text) goes to a ``Tally``
     in ``loop``; a line of another form, or a fatal one, goes to the real stderr as it

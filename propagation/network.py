@@ -1,7 +1,7 @@
 """What a service needs to know of the network, in one place.
 
 Hosts as gRPC reads them, loopback or not, the bind a server will do, addresses as gRPC
-writes them, the message limit. A check that fails raises a ``ValueError`` saying why.
+writes them, the message limit.
 """
 
 from __future__ import annotations
@@ -29,50 +29,40 @@ SCOPE = re.compile(r"[A-Za-z0-9_.-]+")
 GRPC_SCHEMES = frozenset({"dns", "ipv4", "ipv6", "unix", "unix-abstract", "vsock", "xds", "google-c2p"})
 
 
-def check_host(where: str, host: str, port: int) -> None:
-    """Checks that gRPC reads ``host:port`` as this host and port, and resolves it as Python does.
+def host_problem(host: str, port: int) -> str | None:
+    """Why gRPC would not read ``host:port`` as this host and port, or not resolve it as Python does; None if it would.
 
     Python's resolver is more lenient than gRPC's: it takes ``127.1``, ``2130706433`` and
     ``0x7f000001`` as 127.0.0.1, ``0177.0.0.1`` as 127.0.0.1 where gRPC reads 177.0.0.1,
     and ``localhost.`` with its final dot; a label that is empty (``agent..lan``) or over 63
-    characters fails there with a ``UnicodeError``. The ``ValueError`` names ``where``.
+    characters fails there with a ``UnicodeError``.
     """
     if len(host) > MAX_HOST:
-        msg = f"{where}: a host name has at most {MAX_HOST} characters"
-        raise ValueError(msg)
+        return f"a host name has at most {MAX_HOST} characters"
     if ":" in host:
         address, percent, scope = host.partition("%")
         try:
             ipaddress.IPv6Address(address)
         except ValueError:
-            msg = f"{where}: not a host name, and not an IPv6 address"
-            raise ValueError(msg) from None
-        if percent and not SCOPE.fullmatch(scope):
-            msg = f"{where}: an IPv6 address's scope (after %) is an interface name or number"
-            raise ValueError(msg)
-        return
+            return "not a host name, and not an IPv6 address"
+        bad_scope = percent and not SCOPE.fullmatch(scope)
+        return "an IPv6 address's scope (after %) is an interface name or number" if bad_scope else None
     labels = (host[:-1] if host.endswith(".") else host).split(".")
-    if "" in labels:
-        msg = f"{where}: it has an empty label (a dot at the start or two in a row)"
-        raise ValueError(msg)
-    wrong = next((label for label in labels if not LABEL.fullmatch(label)), None)
-    if wrong is not None:
-        msg = f"{where}: its label {wrong[:70]!r} is not 1 to 63 letters, digits, '-' or '_'"
-        raise ValueError(msg)
-    if host.endswith("."):
-        msg = f"{where}: gRPC does not resolve a name that ends with a dot; write {host[:-1]!r}"
-        raise ValueError(msg)
-    if NUMERIC_LABEL.fullmatch(labels[-1]) and not (
-        len(labels) == 4 and all(DECIMAL_BYTE.fullmatch(label) and int(label) < 256 for label in labels)
-    ):
-        msg = (
-            f"{where}: not an IPv4 address as gRPC reads it (four numbers 0 to 255, without"
-            " leading zeros, e.g. 127.0.0.1); Python reads short and hex forms, gRPC does not"
-        )
-        raise ValueError(msg)
-    if host.lower() in GRPC_SCHEMES:
-        msg = f"{where}: gRPC reads '{host}:{port}' as a {host.lower()}: address, not as a host and port"
-        raise ValueError(msg)
+    wrong = next((label for label in labels if not LABEL.fullmatch(label)), "")
+    scheme = host.lower()
+    ipv4 = len(labels) == 4 and all(DECIMAL_BYTE.fullmatch(label) and int(label) < 256 for label in labels)
+    problems = (
+        ("" in labels, "it has an empty label (a dot at the start or two in a row)"),
+        (wrong != "", f"its label {wrong[:70]!r} is not 1 to 63 letters, digits, '-' or '_'"),
+        (host.endswith("."), f"gRPC does not resolve a name that ends with a dot; write {host[:-1]!r}"),
+        (
+            NUMERIC_LABEL.fullmatch(labels[-1]) and not ipv4,
+            "not an IPv4 address as gRPC reads it (four numbers 0 to 255, without leading zeros, e.g."
+            " 127.0.0.1); Python reads short and hex forms, gRPC does not",
+        ),
+        (scheme in GRPC_SCHEMES, f"gRPC reads '{host}:{port}' as a {scheme}: address, not as a host and port"),
+    )
+    return next((problem for failed, problem in problems if failed), None)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -85,7 +75,7 @@ def check_port_free(host: str, port: int) -> None:
     except socket.gaierror as exc:
         msg = f"host {host!r} does not resolve: {exc.strerror}"
         raise ValueError(msg) from None
-    except UnicodeError:  # a label that is empty or too long (check_host says which)
+    except UnicodeError:  # a label that is empty or too long (host_problem says which)
         msg = f"host {host!r} is not a valid host name"
         raise ValueError(msg) from None
     for family, kind, proto, _, sockaddr in infos:
@@ -138,9 +128,8 @@ def address_of_peer(peer: str) -> str:
     IPv4 in IPv6 form (``::ffff:10.0.0.2``) comes back as IPv4, a peer not on IP as its name.
     """
     kind, _, rest = peer.partition(":")
-    if kind not in ("ipv4", "ipv6"):
-        return peer
-    return _normal(urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")) or peer
+    address = kind in ("ipv4", "ipv6") and _normal(urllib.parse.unquote(rest).rpartition(":")[0].strip("[]"))
+    return address or peer
 
 
 def _normal(host: str) -> str | None:

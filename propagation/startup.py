@@ -5,7 +5,7 @@ When the program running is one of this repository's scripts (not a test that im
 
 - Ctrl-C, SIGTERM and SIGHUP end the process quietly with code 0 while the libraries load
   (seconds on a busy machine), until the script takes them over;
-- gRPC's C core is kept to errors (``cli.quiet_grpc_core``: it reads ``GRPC_VERBOSITY`` once);
+- gRPC's C core is kept to errors (it reads ``GRPC_VERBOSITY`` once, as it loads);
 - a Python without the packages of requirements.txt (``python3 agent.py`` outside ``.venv``)
   ends with one ``error:`` line saying how to get them, not a ``ModuleNotFoundError``.
 
@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from propagation.cli import quiet_grpc_core, quiet_signals
+from propagation.cli import quiet_signals
 
 REQUIRED = ("farm_ng", "grpc", "google.protobuf", "psutil", "rich")  # requirements.txt's, as imported
 HOW = "run ./run.sh --setup, then . .venv/bin/activate"
@@ -44,13 +44,10 @@ def _importable(module: str) -> bool:
         return False
 
 
-def running_our_script() -> bool:
-    """Whether the program running is a script of this repository (``agent.py``, ``tools/monitor.py``)."""
-    script = getattr(sys.modules.get("__main__"), "__file__", None)
-    return script is not None and Path(__file__).resolve().parent.parent in Path(script).resolve().parents
-
-
-if running_our_script():
+_main = getattr(sys.modules.get("__main__"), "__file__", None)
+if _main is not None and Path(__file__).resolve().parent.parent in Path(_main).resolve().parents:
     quiet_signals()
-    quiet_grpc_core()
+    # From grpcio 1.7x the core writes a line at INFO on stderr whenever a peer's server goes
+    # away (``Got goaway ... Cancelling all calls``): noise in a service's output and the monitor's.
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     require()
