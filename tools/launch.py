@@ -45,18 +45,14 @@ class Service:
         self.command = f"python {Path(self.argv[1]).name} {' '.join(self.argv[2:])}"  # as typed in the repo's folder
         self._out = out
         self._serving = processes.serving_line(entry.name)
-        self.process: asyncio.subprocess.Process | None = None
-        self.ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()  # since when it serves
-        self.ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.cause = ""  # its last error line
-        self._listening: asyncio.Future[None] | None = None
+        self.process: asyncio.subprocess.Process | None = None  # ready, ended and cause are its, once started
 
     async def start(self) -> asyncio.subprocess.Process:
         """Starts a process; ``ready`` is done once it serves, ``ended`` once it exited and its output is read."""
-        self.ready = asyncio.get_running_loop().create_future()
-        self.cause = ""
+        self.ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()  # since when it serves
+        self.cause = ""  # its last error line
         self.process = await processes.spawn(self.argv)
-        self.ended = asyncio.ensure_future(self._run(self.process))
+        self.ended: asyncio.Future[int] = asyncio.ensure_future(self._run(self.process))
         if self.entry.log_level > logging.INFO:  # it will not print that it serves
             self._listening = asyncio.ensure_future(self._wait_listening(self.process))
         return self.process
@@ -137,10 +133,16 @@ class Launcher:
     async def run(self) -> int:
         """Runs the system until a signal, the monitor's exit or the end of every service; returns the exit code."""
         try:
-            entries = self.plan()
+            entries = read_config(self._config_path)
+            for entry in entries:
+                if role_of(entry) is None:
+                    self.say(f"skipping {entry.name!r}: not a service of this example (no port or unknown role)")
+            if not (ordered := processes.start_order(entries)):
+                msg = f"{self._config_path} has no storage, supervisor or agent entry"
+                raise ConfigError(msg)
             if self._monitor_log is not None:
                 self._out = LogOutput(open(self._monitor_log, "a", encoding="utf-8"))  # noqa: SIM115
-            self._services = [Service(self._config_path, entry, self._out) for entry in entries]
+            self._services = [Service(self._config_path, entry, self._out) for entry in ordered]
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             # SIGHUP too: closing the terminal must not orphan the services (sessions of their own).
@@ -149,31 +151,16 @@ class Launcher:
             stopping = asyncio.ensure_future(stop.wait())
             try:
                 code = await self.start_all(stopping)
-                if code is None:
-                    code = await self.keep_running(stopping)
             finally:
                 stopping.cancel()
                 stopped_cleanly = await self.shut_down()
             return code or (0 if stopped_cleanly and not self._deaths else 1)
         finally:
-            if self._out is not self._terminal:
-                self._out.close()
-            self._terminal.close()
+            for output in {self._out, self._terminal}:
+                output.close()
 
-    def plan(self) -> list[Entry]:
-        """The entries to start, in order; ConfigError if the config is unreadable or has nothing to start."""
-        entries = read_config(self._config_path)
-        for entry in entries:
-            if role_of(entry) is None:
-                self.say(f"skipping {entry.name!r}: not a service of this example (no port or unknown role)")
-        plan = processes.start_order(entries)
-        if not plan:
-            msg = f"{self._config_path} has no storage, supervisor or agent entry"
-            raise ConfigError(msg)
-        return plan
-
-    async def start_all(self, stopping: asyncio.Future[Any]) -> int | None:
-        """Starts each service once the one before serves; the exit code if that failed, None if all serve."""
+    async def start_all(self, stopping: asyncio.Future[Any]) -> int:
+        """Starts each service once the one before serves, then keeps them running; returns the exit code."""
         for service in self._services:
             process = await service.start()
             self.say(f"starting {service.name} (pid {process.pid}): {service.command}")
@@ -183,8 +170,7 @@ class Launcher:
                 watched, timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
             )
             dead = [other for other in self._services if other.process is not None and other.ended.done()]
-            for other in dead:
-                self._deaths += 1
+            for other in dead:  # not counted in _deaths: the exit code is 1 anyway
                 self.say(other.death())
             if stopping in done:
                 return 1 if dead else 0
@@ -194,7 +180,7 @@ class Launcher:
                 self.say("stopping the others")
                 return 1
         self.say(f"all {len(self._services)} services are serving; Ctrl-C stops them")
-        return None
+        return await self.keep_running(stopping)
 
     async def keep_running(self, stopping: asyncio.Future[Any]) -> int:
         """Watches the services until a signal, the monitor's exit or the end of every one."""
