@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 # Propagation latencies kept for the percentiles in /stats, and how far back they reach.
 LATENCY_WINDOW_S = 5.0
 MAX_LATENCIES = 10_000
+# An agent's counters in /stats, beside the latency percentiles.
+COUNTS = ("rate", "num_tasks", "published", "pauses", "resumes", "residuals", "stale_residuals", "future_residuals")
 
 
 class LatencyWindow:
@@ -101,15 +103,5 @@ class AgentCounts:
 
     def figures(self) -> dict[str, Any]:
         """The counters in ``/stats``, with the latency percentiles."""
-        return {
-            "rate": self.rate,
-            "num_tasks": self.num_tasks,
-            "published": self.published,
-            "pauses": self.pauses,
-            "resumes": self.resumes,
-            "residuals": self.residuals,
-            "stale_residuals": self.stale_residuals,
-            "future_residuals": self.future_residuals,
-            **self.latencies.figures(),
-            **self.resume_delays.figures(),
-        }
+        counters = {name: getattr(self, name) for name in COUNTS}
+        return {**counters, **self.latencies.figures(), **self.resume_delays.figures()}
