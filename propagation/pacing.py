@@ -19,7 +19,7 @@ MAX_CATCH_UP_S = 0.1
 class Pacer:
     """The slots of ``num_tasks`` tasks at ``rate`` Hz each, held back while paused."""
 
-    def __init__(self, rate: float, num_tasks: int, on_slow: Callable[[], None] | None = None) -> None:
+    def __init__(self, rate: float, num_tasks: int, on_slow: Callable[[], None] = lambda: None) -> None:
         """``on_slow`` runs when slots are skipped."""
         self.period = 1.0 / rate
         self.num_tasks = num_tasks
@@ -51,7 +51,6 @@ class Pacer:
                 skipped = int(lag / self.period)
                 self.missed_slots += skipped
                 deadline += skipped * self.period
-                if self._on_slow is not None:
-                    self._on_slow()
+                self._on_slow()
             yield
             deadline += self.period

@@ -101,8 +101,7 @@ async def serve(
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         loop.add_signal_handler(signum, stop.set)
     # EventServiceGrpc adds a stderr handler of its own; the root logger prints already.
-    for handler in list(service.logger.handlers):
-        service.logger.removeHandler(handler)
+    service.logger.handlers.clear()
     host, port = service.config.host, service.config.port
     if not is_loopback(host):
         service.QUEUE_MAX_SIZE = NETWORK_SUBSCRIBER_QUEUE
@@ -118,26 +117,23 @@ async def serve(
     undo_core_log = read_back_core_log(loop)
     try:
         await service.server.start()
-        jobs = [asyncio.ensure_future(task) for task in tasks]
-        jobs.append(asyncio.ensure_future(service.publish_health_metrics()))
-        jobs.append(asyncio.ensure_future(publish_stats(service, stats or dict)))
+        publishing = [service.publish_health_metrics(), publish_stats(service, stats or dict)]
+        jobs = [asyncio.ensure_future(job) for job in [*tasks, *publishing]]
         service.logger.info("%s serving on %s", service.config.name, address)
 
         stopping = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([stopping, *jobs], return_when=asyncio.FIRST_COMPLETED)
-        exit_code = 0
-        for job in done:
-            if job is not stopping:
-                why = "it was cancelled" if job.cancelled() else repr(job.exception())
-                service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
-                exit_code = 1
+        ended = done - {stopping}
+        for job in ended:
+            why = "it was cancelled" if job.cancelled() else repr(job.exception())
+            service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
         # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
         # clean close. Cancelling the tasks first would make stop() raise CancelledError.
         await service.server.stop(STOP_GRACE_S)
         for job in [stopping, *jobs]:
             job.cancel()
         await asyncio.gather(stopping, *jobs, return_exceptions=True)
-        return exit_code
+        return 1 if ended else 0
     finally:
         undo_core_log()
 
