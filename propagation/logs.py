@@ -48,10 +48,9 @@ class LogOutput:
     def __init__(self, stream: IO[str] | None, lines: int = QUEUE_LINES) -> None:
         self.handler = _DroppingQueueHandler(queue.Queue(lines))
         self._stream = stream  # kept open: the descriptor is its
-        try:
-            self._fd = stream.fileno() if stream is not None else None
-        except (OSError, ValueError, AttributeError):  # stdout closed at start, say
-            self._fd = None
+        self._fd: int | None = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no stream, or stdout closed at start, say
+            self._fd = stream.fileno()  # type: ignore[union-attr]
         self._reported = 0  # of handler.dropped
         self._writer = threading.Thread(target=self._write_lines, daemon=True)  # the process may exit without it
         self._writer.start()
@@ -62,11 +61,9 @@ class LogOutput:
 
     def close(self) -> None:
         """Writes what is queued, then stops the thread; waits ``CLOSE_WAIT_S`` at most."""
-        try:
+        with contextlib.suppress(queue.Full):  # stalled: the lines still queued are dropped
             self.handler.queue.put_nowait(None)
-        except queue.Full:  # stalled: the lines still queued are dropped
-            return
-        self._writer.join(CLOSE_WAIT_S)
+            self._writer.join(CLOSE_WAIT_S)
 
     def _write_lines(self) -> None:
         """``message`` for INFO and below, ``WARNING: message`` above; until ``close()``."""

@@ -96,10 +96,10 @@ async def serve(
     SIGTERM or SIGHUP, 1 if a task ended. ConfigError if the host does not resolve or
     the port is in use.
     """
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stopping = loop.create_future()  # done (cancelled) at the first signal
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stopping.cancel)
     # EventServiceGrpc adds a stderr handler of its own; the root logger prints already.
     service.logger.handlers.clear()
     host, port = service.config.host, service.config.port
@@ -121,7 +121,6 @@ async def serve(
         jobs = [asyncio.ensure_future(job) for job in [*tasks, *publishing]]
         service.logger.info("%s serving on %s", service.config.name, address)
 
-        stopping = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([stopping, *jobs], return_when=asyncio.FIRST_COMPLETED)
         ended = done - {stopping}
         for job in ended:
@@ -130,9 +129,9 @@ async def serve(
         # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
         # clean close. Cancelling the tasks first would make stop() raise CancelledError.
         await service.server.stop(STOP_GRACE_S)
-        for job in [stopping, *jobs]:
+        for job in jobs:
             job.cancel()
-        await asyncio.gather(stopping, *jobs, return_exceptions=True)
+        await asyncio.gather(*jobs, return_exceptions=True)
         return 1 if ended else 0
     finally:
         undo_core_log()
@@ -143,7 +142,6 @@ async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[st
     metrics = EventServiceHealthMetrics()
     while True:
         message = Struct()
-        message.update(figures())
-        message.update({key: metrics.get(key) for key in COUNTERS})
+        message.update({**figures(), **{key: metrics.get(key) for key in COUNTERS}})
         await service.publish("/stats", message, latch=True)
         await asyncio.sleep(1.0)

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 # Propagation latencies kept for the percentiles in /stats, and how far back they reach.
 LATENCY_WINDOW_S = 5.0
 MAX_LATENCIES = 10_000
-# An agent's counters in /stats, beside the latency percentiles.
 COUNTS = ("rate", "num_tasks", "published", "pauses", "resumes", "residuals", "stale_residuals", "future_residuals")
 
 
@@ -41,9 +40,7 @@ class LatencyWindow:
     def figures(self) -> dict[str, Any]:
         """``<name>_p50_ms``, ``_p90_ms``, ``_p99_ms`` and ``_count``; empty if none is recent."""
         horizon = time.monotonic() - self._window_s
-        while self._values and self._values[0][0] < horizon:
-            self._values.popleft()
-        ordered = sorted(value for _, value in self._values)
+        ordered = sorted(value for when, value in self._values if when >= horizon)
         if not ordered:
             return {}
         figures: dict[str, Any] = {  # each the value below which that fraction of them lies

@@ -14,6 +14,7 @@ import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core l
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -44,7 +45,6 @@ class Service:
         self.argv = processes.service_argv(config_path, entry)
         self.command = f"python {Path(self.argv[1]).name} {' '.join(self.argv[2:])}"  # as typed in the repo's folder
         self._out = out
-        self._serving = processes.serving_line(entry.name)
         self.process: asyncio.subprocess.Process | None = None  # ready, ended and cause are its, once started
 
     async def start(self) -> asyncio.subprocess.Process:
@@ -60,11 +60,11 @@ class Service:
     async def _run(self, process: asyncio.subprocess.Process) -> int:
         """Copies every line as it comes, whatever happens to the launcher's own output."""
         assert process.stdout is not None
-        prefix = f"[{self.name}] "
+        serving = processes.serving_line(self.name)
         while raw := await process.stdout.readline():
             line = raw.decode(errors="replace").rstrip("\n")
-            self._out.write(prefix + line)
-            if self._serving.match(line):
+            self._out.write(f"[{self.name}] {line}")
+            if serving.match(line):
                 self.serving()
             elif line.startswith(("error: ", "ERROR: ")):
                 self.cause = line.split(": ", 1)[1]
@@ -72,15 +72,13 @@ class Service:
 
     async def _wait_listening(self, process: asyncio.subprocess.Process) -> None:
         """Sets ``ready`` once this very process listens on the entry's port (not another program)."""
-        while process.returncode is None:
-            try:
+        with contextlib.suppress(psutil.Error):  # it is gone
+            while process.returncode is None:
                 sockets = psutil.Process(process.pid).net_connections("inet")
-            except psutil.Error:
-                return
-            if any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.entry.port for conn in sockets):
-                self.serving()
-                return
-            await asyncio.sleep(0.1)
+                if any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.entry.port for conn in sockets):
+                    self.serving()
+                    return
+                await asyncio.sleep(0.1)
 
     def serving(self) -> None:
         """Notes that it serves, and since when."""
@@ -143,16 +141,13 @@ class Launcher:
             if self._monitor_log is not None:
                 self._out = LogOutput(open(self._monitor_log, "a", encoding="utf-8"))  # noqa: SIM115
             self._services = [Service(self._config_path, entry, self._out) for entry in ordered]
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
+            stopping = asyncio.get_running_loop().create_future()  # done (cancelled) at the first signal
             # SIGHUP too: closing the terminal must not orphan the services (sessions of their own).
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.add_signal_handler(signum, stop.set)
-            stopping = asyncio.ensure_future(stop.wait())
+                asyncio.get_running_loop().add_signal_handler(signum, stopping.cancel)
             try:
                 code = await self.start_all(stopping)
             finally:
-                stopping.cancel()
                 stopped_cleanly = await self.shut_down()
             return code or (0 if stopped_cleanly and not self._deaths else 1)
         finally:
@@ -203,9 +198,7 @@ class Launcher:
                 await processes.stop([self._monitor])
                 self._terminal.write(f"[launch] every service is gone; their last lines are in {self._monitor_log}")
             return 1
-        if stopping in done:
-            return 0
-        return watched[-1].result()  # the monitor's exit code
+        return 0 if stopping in done else watched[-1].result()  # else the monitor's exit code
 
     async def keep(self, service: Service) -> None:
         """Waits for a service to end; with ``--restart`` starts it again until it fails fast too often."""

@@ -101,9 +101,7 @@ def free_ports(count: int, taken: Iterable[int] = ()) -> list[int]:
     chosen: list[int] = []
     with contextlib.ExitStack() as probes:
         for port in itertools.chain(share[start:], share[:start]):
-            if len(chosen) == count:
-                break
-            if port not in skip:
+            if len(chosen) < count and port not in skip:
                 with contextlib.suppress(OSError):  # in use
                     probes.enter_context(socket.socket()).bind(("127.0.0.1", port))
                     chosen.append(port)
