@@ -66,10 +66,8 @@ class LogOutput:
             self._writer.join(CLOSE_WAIT_S)
 
     def _write_lines(self) -> None:
-        """``message`` for INFO and below, ``WARNING: message`` above; until ``close()``."""
-        while (record := self.handler.queue.get()) is not None:
-            if self._fd is None:
-                continue
+        """``message`` for INFO and below, ``WARNING: message`` above; until ``close()`` or the output fails."""
+        while self._fd is not None and (record := self.handler.queue.get()) is not None:
             line = record.getMessage()  # formatted already, with any traceback, by the handler
             if record.levelno > logging.INFO:
                 line = f"{record.levelname}: {line}"
@@ -164,12 +162,10 @@ def repeat_filter(record: logging.LogRecord) -> bool:
     """
     args = record.args
     if record.msg == "dropped %d sequence %d path: %s" and isinstance(args, tuple) and len(args) == 3:
-        kind = f"dropped %d events of {args[2]} for subscribers that do not keep up"
-        _tally(record.name, logging.WARNING).add(kind)
+        _tally(record.name, logging.WARNING).add(f"dropped %d events of {args[2]} for subscribers that do not keep up")
         return False
     if record.name.startswith("grpc") and str(record.msg).startswith(GRPC_SEND_FAILED):
-        kind = "%d subscription(s) ended: the subscriber went away while an event was sent"
-        _tally("grpc", logging.INFO).add(kind)
+        _tally("grpc", logging.INFO).add("%d subscription(s) ended: the subscriber went away while an event was sent")
         return False
     return True
 
