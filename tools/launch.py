@@ -64,8 +64,8 @@ class Service:
         while raw := await process.stdout.readline():
             line = raw.decode(errors="replace").rstrip("\n")
             self._out.write(f"[{self.name}] {line}")
-            if serving.match(line):
-                self.serving()
+            if serving.match(line) and not self.ready.done():
+                self.ready.set_result(time.monotonic())
             elif line.startswith(("error: ", "ERROR: ")):
                 self.cause = line.split(": ", 1)[1]
         return await process.wait()
@@ -73,17 +73,11 @@ class Service:
     async def _wait_listening(self, process: asyncio.subprocess.Process) -> None:
         """Sets ``ready`` once this very process listens on the entry's port (not another program)."""
         with contextlib.suppress(psutil.Error):  # it is gone
-            while process.returncode is None:
+            while process.returncode is None and not self.ready.done():
                 sockets = psutil.Process(process.pid).net_connections("inet")
                 if any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.entry.port for conn in sockets):
-                    self.serving()
-                    return
+                    self.ready.set_result(time.monotonic())
                 await asyncio.sleep(0.1)
-
-    def serving(self) -> None:
-        """Notes that it serves, and since when."""
-        if not self.ready.done():
-            self.ready.set_result(time.monotonic())
 
     def is_running(self) -> bool:
         """Whether its current process is still running."""
@@ -183,8 +177,7 @@ class Launcher:
         watched: list[asyncio.Future[Any]] = [stopping, keepers]
         if self._monitor_log is not None:  # it takes the terminal
             self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
-            config = str(Path(self._config_path).resolve())
-            argv = [sys.executable, "-m", "tools.monitor", "--service-config", config]
+            argv = [sys.executable, "-m", "tools.monitor", "--service-config", str(Path(self._config_path).resolve())]
             self._monitor = await asyncio.create_subprocess_exec(*argv, cwd=processes.ROOT)
             watched.append(asyncio.ensure_future(self._monitor.wait()))
         try:

@@ -26,8 +26,7 @@ STOP_TIMEOUT_S = 5.0
 
 def start_order(entries: Iterable[Entry]) -> list[Entry]:
     """The entries this example runs: storage, then the supervisors, then the agents (peers up before their callers)."""
-    ours = [(ROLES.index(role), entry) for entry in entries if (role := role_of(entry)) is not None]
-    return [entry for _, entry in sorted(ours, key=lambda pair: pair[0])]
+    return sorted((entry for entry in entries if role_of(entry)), key=lambda entry: ROLES.index(role_of(entry)))
 
 
 def service_argv(config: str | Path, entry: Entry) -> list[str]:
