@@ -18,7 +18,6 @@ import signal
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Sequence
 
 import grpc
-from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 from google.protobuf.struct_pb2 import Struct
 
 from propagation.config import ConfigError
@@ -139,9 +138,8 @@ async def serve(
 
 async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[str, Any]]) -> None:
     """Publishes the role's figures and the guard's counters on ``/stats`` every second, latched."""
-    metrics = EventServiceHealthMetrics()
     while True:
         message = Struct()
-        message.update({**figures(), **{key: metrics.get(key) for key in COUNTERS}})
+        message.update({**figures(), **{key: service.metrics.get(key) for key in COUNTERS}})
         await service.publish("/stats", message, latch=True)
         await asyncio.sleep(1.0)

@@ -43,12 +43,10 @@ class LatencyWindow:
         ordered = sorted(value for when, value in self._values if when >= horizon)
         if not ordered:
             return {}
-        figures: dict[str, Any] = {  # each the value below which that fraction of them lies
-            f"{self._name}_p{int(100 * fraction)}_ms": 1000 * ordered[int(fraction * len(ordered))]
-            for fraction in (0.50, 0.90, 0.99)
+        percentiles = {  # each the value below which that percentage of them lies
+            f"{self._name}_p{percent}_ms": 1000 * ordered[len(ordered) * percent // 100] for percent in (50, 90, 99)
         }
-        figures[f"{self._name}_count"] = len(ordered)
-        return figures
+        return {**percentiles, f"{self._name}_count": len(ordered)}
 
 
 @dataclasses.dataclass
