@@ -25,7 +25,6 @@ QUEUE_LINES = 10_000
 # How long the last lines may take on the way out: with the server's 0.5 s grace, a
 # service stops within a second even when its terminal is stalled.
 CLOSE_WAIT_S = 0.4
-# How often a repeating problem is summed up in one line.
 TALLY_INTERVAL_S = 10.0
 GRPC_SEND_FAILED = "ExecuteBatchError raised in core by servicer method"
 # A line of gRPC's C core (abseil's format): severity, date, time, thread, file:line, text.
@@ -71,8 +70,7 @@ class LogOutput:
             line = record.getMessage()  # formatted already, with any traceback, by the handler
             if record.levelno > logging.INFO:
                 line = f"{record.levelname}: {line}"
-            dropped = self.handler.dropped - self._reported
-            if dropped:
+            if dropped := self.handler.dropped - self._reported:
                 self._reported += dropped
                 line = f"WARNING: {dropped} log lines dropped while the output was blocked\n{line}"
             data = (line + "\n").encode(errors="replace")

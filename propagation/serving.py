@@ -87,7 +87,7 @@ def create_server(contract: Contract, peers: Iterable[Entry] = ()) -> grpc.aio.S
 async def serve(
     service: EventServiceGrpc,
     tasks: Sequence[Coroutine[Any, Any, Any]] = (),
-    stats: Callable[[], dict[str, Any]] | None = None,
+    stats: Callable[[], dict[str, Any]] = dict,
 ) -> int:
     """Serves ``service`` (on ``create_server()``'s server), the role's ``tasks`` beside it, until a signal.
 
@@ -116,7 +116,7 @@ async def serve(
     undo_core_log = read_back_core_log(loop)
     try:
         await service.server.start()
-        publishing = [service.publish_health_metrics(), publish_stats(service, stats or dict)]
+        publishing = [service.publish_health_metrics(), publish_stats(service, stats)]
         jobs = [asyncio.ensure_future(job) for job in [*tasks, *publishing]]
         service.logger.info("%s serving on %s", service.config.name, address)
 

@@ -153,7 +153,6 @@ class Launcher:
         for service in self._services:
             process = await service.start()
             self.say(f"starting {service.name} (pid {process.pid}): {service.command}")
-            # Until it serves, a signal comes or any service started so far ends.
             watched = [service.ready, stopping, *(other.ended for other in self._services if other.process is not None)]
             done, _ = await asyncio.wait(
                 watched, timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED

@@ -31,8 +31,7 @@ def start_order(entries: Iterable[Entry]) -> list[Entry]:
 
 def service_argv(config: str | Path, entry: Entry) -> list[str]:
     """``python <role>.py --service-config CONFIG --service-name NAME``, with this Python."""
-    role = role_of(entry)
-    if role is None:
+    if (role := role_of(entry)) is None:
         msg = f"{entry.name!r} is not a service of this example"
         raise ValueError(msg)
     return [sys.executable, str(ROOT / f"{role}.py"), "--service-config", str(config), "--service-name", entry.name]
