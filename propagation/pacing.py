@@ -46,8 +46,7 @@ class Pacer:
                 # The first slot of this task's own grid from now on: its turn.
                 deadline += self.period * math.ceil((loop.time() - deadline) / self.period)
                 continue
-            lag = loop.time() - deadline
-            if lag > MAX_CATCH_UP_S:
+            if (lag := loop.time() - deadline) > MAX_CATCH_UP_S:
                 skipped = int(lag / self.period)
                 self.missed_slots += skipped
                 deadline += skipped * self.period

@@ -32,7 +32,6 @@ if TYPE_CHECKING:
     from propagation.wire import Contract
 
 
-# How long Ctrl-C lets calls in flight finish before the server closes them.
 STOP_GRACE_S = 0.5
 # The options against a stranger's abuse are listed in the README (Security).
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (

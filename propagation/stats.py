@@ -11,6 +11,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from propagation.residuals import same_host_clock
@@ -86,15 +87,12 @@ class AgentCounts:
         self._since(event, RESIDUAL_TIME, self.resume_delays)
 
     def _since(self, event: Event, semantics: str, window: LatencyWindow) -> None:
-        stamp = find_stamp(event, semantics)
-        if stamp is not None and same_host_clock(stamp, self.local_clock):
+        if (stamp := find_stamp(event, semantics)) is not None and same_host_clock(stamp, self.local_clock):
             window.add(time.monotonic() - stamp.stamp)
 
     def pause_figures(self, paused: bool) -> Struct:
         """What ``/pauses`` carries: whether paused, and the pauses and resumes so far."""
-        message = Struct()
-        message.update({"paused": paused, "pauses": self.pauses, "resumes": self.resumes})
-        return message
+        return json_format.ParseDict({"paused": paused, "pauses": self.pauses, "resumes": self.resumes}, Struct())
 
     def figures(self) -> dict[str, Any]:
         """The counters in ``/stats``, with the latency percentiles."""
