@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import logging
 import logging.handlers
 import os
@@ -24,7 +25,6 @@ QUEUE_LINES = 10_000
 # How long the last lines may take on the way out: with the server's 0.5 s grace, a
 # service stops within a second even when its terminal is stalled.
 CLOSE_WAIT_S = 0.4
-# How often a repeating problem is summed up in one line.
 TALLY_INTERVAL_S = 10.0
 GRPC_SEND_FAILED = "ExecuteBatchError raised in core by servicer method"
 # A line of gRPC's C core (abseil's format): severity, date, time, thread, file:line, text.
@@ -47,10 +47,9 @@ class LogOutput:
     def __init__(self, stream: IO[str] | None, lines: int = QUEUE_LINES) -> None:
         self.handler = _DroppingQueueHandler(queue.Queue(lines))
         self._stream = stream  # kept open: the descriptor is its
-        try:
-            self._fd = stream.fileno() if stream is not None else None
-        except (OSError, ValueError, AttributeError):  # stdout closed at start, say
-            self._fd = None
+        self._fd: int | None = None
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no stream, or stdout closed at start, say
+            self._fd = stream.fileno()  # type: ignore[union-attr]
         self._reported = 0  # of handler.dropped
         self._writer = threading.Thread(target=self._write_lines, daemon=True)  # the process may exit without it
         self._writer.start()
@@ -61,22 +60,17 @@ class LogOutput:
 
     def close(self) -> None:
         """Writes what is queued, then stops the thread; waits ``CLOSE_WAIT_S`` at most."""
-        try:
+        with contextlib.suppress(queue.Full):  # stalled: the lines still queued are dropped
             self.handler.queue.put_nowait(None)
-        except queue.Full:  # stalled: the lines still queued are dropped
-            return
-        self._writer.join(CLOSE_WAIT_S)
+            self._writer.join(CLOSE_WAIT_S)
 
     def _write_lines(self) -> None:
-        """``message`` for INFO and below, ``WARNING: message`` above; until ``close()``."""
-        while (record := self.handler.queue.get()) is not None:
-            if self._fd is None:
-                continue
+        """``message`` for INFO and below, ``WARNING: message`` above; until ``close()`` or the output fails."""
+        while self._fd is not None and (record := self.handler.queue.get()) is not None:
             line = record.getMessage()  # formatted already, with any traceback, by the handler
             if record.levelno > logging.INFO:
                 line = f"{record.levelname}: {line}"
-            dropped = self.handler.dropped - self._reported
-            if dropped:
+            if dropped := self.handler.dropped - self._reported:
                 self._reported += dropped
                 line = f"WARNING: {dropped} log lines dropped while the output was blocked\n{line}"
             data = (line + "\n").encode(errors="replace")
@@ -84,17 +78,14 @@ class LogOutput:
                 while data:
                     data = data[os.write(self._fd, data) :]
             except OSError as exc:
-                self._go_quiet(self._fd, exc)
-
-    def _go_quiet(self, fd: int, exc: OSError) -> None:
-        self._fd = None
-        if self._stream is sys.stdout and exc.errno in (errno.EPIPE, errno.EBADF, errno.EIO):
-            # Python flushes stdout once more at exit; to a broken pipe that prints an
-            # "Exception ignored" message. Point stdout at /dev/null instead.
-            with contextlib.suppress(OSError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, fd)
-                os.close(devnull)
+                if self._stream is sys.stdout and exc.errno in (errno.EPIPE, errno.EBADF, errno.EIO):
+                    # Python flushes stdout once more at exit; to a broken pipe that prints an
+                    # "Exception ignored" message. Point stdout at /dev/null instead.
+                    with contextlib.suppress(OSError):
+                        devnull = os.open(os.devnull, os.O_WRONLY)
+                        os.dup2(devnull, self._fd)
+                        os.close(devnull)
+                self._fd = None
 
 
 class _DroppingQueueHandler(logging.handlers.QueueHandler):
@@ -118,7 +109,7 @@ def configure_logging(level: int) -> LogOutput:
     replaces the handler ``basicConfig`` made).
     """
     output = LogOutput(sys.stdout)
-    output.handler.addFilter(RepeatFilter())
+    output.handler.addFilter(repeat_filter)
     logging.basicConfig(handlers=[output.handler], format="%(message)s", level=level or logging.INFO, force=True)
     return output
 
@@ -138,31 +129,28 @@ class Tally:
 
     def add(self, kind: str) -> None:
         """Counts one occurrence of ``kind`` (a message like ``"refused %d requests on /x"``)."""
-        now = time.monotonic()
-        if now - self._last_line.get(kind, -TALLY_INTERVAL_S) >= TALLY_INTERVAL_S:
-            self._last_line[kind] = now
-            # What is pending goes in this line, not in another one a moment later.
-            pending = self._pending.pop(kind, 0)
-            line = f"{kind} (in the last {TALLY_INTERVAL_S:g} s)" if pending else kind
-            self._logger.log(self._level, line, 1 + pending)
-            return
         self._pending[kind] = self._pending.get(kind, 0) + 1
-        if self._flush is None:
+        if time.monotonic() - self._last_line.get(kind, -TALLY_INTERVAL_S) >= TALLY_INTERVAL_S:
+            # What is pending goes in this line, not in another one a moment later.
+            self._log(kind, summed=self._pending[kind] > 1)
+        elif self._flush is None:
             with contextlib.suppress(RuntimeError):  # no running loop: the next add() reports
                 self._flush = asyncio.get_running_loop().call_later(TALLY_INTERVAL_S, self.report)
 
     def report(self) -> None:
         """Logs one line per kind counted since its last line."""
         self._flush = None
-        pending, self._pending = self._pending, {}
-        now = time.monotonic()
-        for kind, count in pending.items():
-            self._last_line[kind] = now
-            self._logger.log(self._level, f"{kind} (in the last {TALLY_INTERVAL_S:g} s)", count)
+        for kind in list(self._pending):
+            self._log(kind, summed=True)
+
+    def _log(self, kind: str, summed: bool) -> None:
+        self._last_line[kind] = time.monotonic()
+        line = f"{kind} (in the last {TALLY_INTERVAL_S:g} s)" if summed else kind
+        self._logger.log(self._level, line, self._pending.pop(kind))
 
 
-class RepeatFilter(logging.Filter):
-    """Turns the libraries' line-per-event messages into a tally each.
+def repeat_filter(record: logging.LogRecord) -> bool:
+    """A log filter that turns the libraries' line-per-event messages into a tally each (and drops them).
 
     - farm-ng-core's ``EventServiceGrpc`` warns ``dropped N sequence M path: P`` for every
       event it drops because a subscriber's queue is full: thousands of lines a second
@@ -170,28 +158,19 @@ class RepeatFilter(logging.Filter):
     - grpc.aio logs an ``ExecuteBatchError`` with a traceback when a stream's subscriber
       went away (its host vanished, say) while an event was being sent to it.
     """
+    args = record.args
+    if record.msg == "dropped %d sequence %d path: %s" and isinstance(args, tuple) and len(args) == 3:
+        _tally(record.name, logging.WARNING).add(f"dropped %d events of {args[2]} for subscribers that do not keep up")
+        return False
+    if record.name.startswith("grpc") and str(record.msg).startswith(GRPC_SEND_FAILED):
+        _tally("grpc", logging.INFO).add("%d subscription(s) ended: the subscriber went away while an event was sent")
+        return False
+    return True
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._tallies: dict[str, Tally] = {}
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        """Lets a record through, or tallies it and drops it."""
-        args = record.args
-        if record.msg == "dropped %d sequence %d path: %s" and isinstance(args, tuple) and len(args) == 3:
-            kind = f"dropped %d events of {args[2]} for subscribers that do not keep up"
-            self._tally(record.name, logging.WARNING).add(kind)
-            return False
-        if record.name.startswith("grpc") and str(record.msg).startswith(GRPC_SEND_FAILED):
-            kind = "%d subscription(s) ended: the subscriber went away while an event was sent"
-            self._tally("grpc", logging.INFO).add(kind)
-            return False
-        return True
-
-    def _tally(self, name: str, level: int) -> Tally:
-        if name not in self._tallies:
-            self._tallies[name] = Tally(logging.getLogger(name), level=level)
-        return self._tallies[name]
+@functools.lru_cache(maxsize=None)  # one per logger
+def _tally(name: str, level: int) -> Tally:
+    return Tally(logging.getLogger(name), level=level)
 
 
 def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
@@ -217,7 +196,24 @@ def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     os.dup2(write_end, 2)
     os.close(write_end)
     tally = Tally(logging.getLogger("grpc"))
-    reader = threading.Thread(target=_forward_core_lines, args=(read_end, real, loop, tally), daemon=True)
+
+    def forward_core_lines() -> None:
+        kinds: set[str] = set()
+        with os.fdopen(read_end, "rb") as lines:
+            for raw in lines:
+                match = CORE_LINE.match(raw.decode(errors="replace").rstrip("\n"))
+                if match is not None and match.group(1) != "F":
+                    text = match.group(2)
+                    if text not in kinds and len(kinds) >= MAX_CORE_KINDS:
+                        text = "(another kind of line)"
+                    kinds.add(text)
+                    with contextlib.suppress(RuntimeError):  # the loop is closed: the service is on its way out
+                        loop.call_soon_threadsafe(tally.add, "gRPC core, %d time(s): " + text.replace("%", "%%"))
+                        continue
+                with contextlib.suppress(OSError):  # not a core line, a fatal one, or no loop left: as it came
+                    os.write(real, raw)
+
+    reader = threading.Thread(target=forward_core_lines, daemon=True)
     reader.start()
 
     def undo() -> None:
@@ -230,20 +226,3 @@ def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
             os.close(real)
 
     return undo
-
-
-def _forward_core_lines(read_end: int, real: int, loop: asyncio.AbstractEventLoop, tally: Tally) -> None:
-    kinds: set[str] = set()
-    with os.fdopen(read_end, "rb") as lines:
-        for raw in lines:
-            match = CORE_LINE.match(raw.decode(errors="replace").rstrip("\n"))
-            if match is not None and match.group(1) != "F":
-                text = match.group(2)
-                if text not in kinds and len(kinds) >= MAX_CORE_KINDS:
-                    text = "(another kind of line)"
-                kinds.add(text)
-                with contextlib.suppress(RuntimeError):  # the loop is closed: the service is on its way out
-                    loop.call_soon_threadsafe(tally.add, "gRPC core, %d time(s): " + text.replace("%", "%%"))
-                    continue
-            with contextlib.suppress(OSError):  # not a core line, a fatal one, or no loop left: as it came
-                os.write(real, raw)

@@ -19,7 +19,7 @@ MAX_CATCH_UP_S = 0.1
 class Pacer:
     """The slots of ``num_tasks`` tasks at ``rate`` Hz each, held back while paused."""
 
-    def __init__(self, rate: float, num_tasks: int, on_slow: Callable[[], None] | None = None) -> None:
+    def __init__(self, rate: float, num_tasks: int, on_slow: Callable[[], None] = lambda: None) -> None:
         """``on_slow`` runs when slots are skipped."""
         self.period = 1.0 / rate
         self.num_tasks = num_tasks
@@ -46,12 +46,10 @@ class Pacer:
                 # The first slot of this task's own grid from now on: its turn.
                 deadline += self.period * math.ceil((loop.time() - deadline) / self.period)
                 continue
-            lag = loop.time() - deadline
-            if lag > MAX_CATCH_UP_S:
+            if (lag := loop.time() - deadline) > MAX_CATCH_UP_S:
                 skipped = int(lag / self.period)
                 self.missed_slots += skipped
                 deadline += skipped * self.period
-                if self._on_slow is not None:
-                    self._on_slow()
+                self._on_slow()
             yield
             deadline += self.period

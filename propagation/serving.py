@@ -18,7 +18,6 @@ import signal
 from typing import TYPE_CHECKING, Any, Callable, Coroutine, Iterable, Sequence
 
 import grpc
-from farm_ng.core.event_service_metrics import EventServiceHealthMetrics
 from google.protobuf.struct_pb2 import Struct
 
 from propagation.config import ConfigError
@@ -33,7 +32,6 @@ if TYPE_CHECKING:
     from propagation.wire import Contract
 
 
-# How long Ctrl-C lets calls in flight finish before the server closes them.
 STOP_GRACE_S = 0.5
 # The options against a stranger's abuse are listed in the README (Security).
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
@@ -88,7 +86,7 @@ def create_server(contract: Contract, peers: Iterable[Entry] = ()) -> grpc.aio.S
 async def serve(
     service: EventServiceGrpc,
     tasks: Sequence[Coroutine[Any, Any, Any]] = (),
-    stats: Callable[[], dict[str, Any]] | None = None,
+    stats: Callable[[], dict[str, Any]] = dict,
 ) -> int:
     """Serves ``service`` (on ``create_server()``'s server), the role's ``tasks`` beside it, until a signal.
 
@@ -96,13 +94,12 @@ async def serve(
     SIGTERM or SIGHUP, 1 if a task ended. ConfigError if the host does not resolve or
     the port is in use.
     """
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    stopping = loop.create_future()  # done (cancelled) at the first signal
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        loop.add_signal_handler(signum, stop.set)
+        loop.add_signal_handler(signum, stopping.cancel)
     # EventServiceGrpc adds a stderr handler of its own; the root logger prints already.
-    for handler in list(service.logger.handlers):
-        service.logger.removeHandler(handler)
+    service.logger.handlers.clear()
     host, port = service.config.host, service.config.port
     if not is_loopback(host):
         service.QUEUE_MAX_SIZE = NETWORK_SUBSCRIBER_QUEUE
@@ -118,36 +115,30 @@ async def serve(
     undo_core_log = read_back_core_log(loop)
     try:
         await service.server.start()
-        jobs = [asyncio.ensure_future(task) for task in tasks]
-        jobs.append(asyncio.ensure_future(service.publish_health_metrics()))
-        jobs.append(asyncio.ensure_future(publish_stats(service, stats or dict)))
+        publishing = [service.publish_health_metrics(), publish_stats(service, stats)]
+        jobs = [asyncio.ensure_future(job) for job in [*tasks, *publishing]]
         service.logger.info("%s serving on %s", service.config.name, address)
 
-        stopping = asyncio.ensure_future(stop.wait())
         done, _ = await asyncio.wait([stopping, *jobs], return_when=asyncio.FIRST_COMPLETED)
-        exit_code = 0
-        for job in done:
-            if job is not stopping:
-                why = "it was cancelled" if job.cancelled() else repr(job.exception())
-                service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
-                exit_code = 1
+        ended = done - {stopping}
+        for job in ended:
+            why = "it was cancelled" if job.cancelled() else repr(job.exception())
+            service.logger.error("%s stopped: a task ended: %s", service.config.name, why)
         # The server first: calls in flight get STOP_GRACE_S to finish and peers see a
         # clean close. Cancelling the tasks first would make stop() raise CancelledError.
         await service.server.stop(STOP_GRACE_S)
-        for job in [stopping, *jobs]:
+        for job in jobs:
             job.cancel()
-        await asyncio.gather(stopping, *jobs, return_exceptions=True)
-        return exit_code
+        await asyncio.gather(*jobs, return_exceptions=True)
+        return 1 if ended else 0
     finally:
         undo_core_log()
 
 
 async def publish_stats(service: EventServiceGrpc, figures: Callable[[], dict[str, Any]]) -> None:
     """Publishes the role's figures and the guard's counters on ``/stats`` every second, latched."""
-    metrics = EventServiceHealthMetrics()
     while True:
         message = Struct()
-        message.update(figures())
-        message.update({key: metrics.get(key) for key in COUNTERS})
+        message.update({**figures(), **{key: service.metrics.get(key) for key in COUNTERS}})
         await service.publish("/stats", message, latch=True)
         await asyncio.sleep(1.0)

@@ -11,6 +11,7 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from google.protobuf import json_format
 from google.protobuf.struct_pb2 import Struct
 
 from propagation.residuals import same_host_clock
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 # Propagation latencies kept for the percentiles in /stats, and how far back they reach.
 LATENCY_WINDOW_S = 5.0
 MAX_LATENCIES = 10_000
+COUNTS = ("rate", "num_tasks", "published", "pauses", "resumes", "residuals", "stale_residuals", "future_residuals")
 
 
 class LatencyWindow:
@@ -39,17 +41,13 @@ class LatencyWindow:
     def figures(self) -> dict[str, Any]:
         """``<name>_p50_ms``, ``_p90_ms``, ``_p99_ms`` and ``_count``; empty if none is recent."""
         horizon = time.monotonic() - self._window_s
-        while self._values and self._values[0][0] < horizon:
-            self._values.popleft()
-        ordered = sorted(value for _, value in self._values)
+        ordered = sorted(value for when, value in self._values if when >= horizon)
         if not ordered:
             return {}
-        figures: dict[str, Any] = {  # each the value below which that fraction of them lies
-            f"{self._name}_p{int(100 * fraction)}_ms": 1000 * ordered[int(fraction * len(ordered))]
-            for fraction in (0.50, 0.90, 0.99)
+        percentiles = {  # each the value below which that percentage of them lies
+            f"{self._name}_p{percent}_ms": 1000 * ordered[len(ordered) * percent // 100] for percent in (50, 90, 99)
         }
-        figures[f"{self._name}_count"] = len(ordered)
-        return figures
+        return {**percentiles, f"{self._name}_count": len(ordered)}
 
 
 @dataclasses.dataclass
@@ -89,27 +87,14 @@ class AgentCounts:
         self._since(event, RESIDUAL_TIME, self.resume_delays)
 
     def _since(self, event: Event, semantics: str, window: LatencyWindow) -> None:
-        stamp = find_stamp(event, semantics)
-        if stamp is not None and same_host_clock(stamp, self.local_clock):
+        if (stamp := find_stamp(event, semantics)) is not None and same_host_clock(stamp, self.local_clock):
             window.add(time.monotonic() - stamp.stamp)
 
     def pause_figures(self, paused: bool) -> Struct:
         """What ``/pauses`` carries: whether paused, and the pauses and resumes so far."""
-        message = Struct()
-        message.update({"paused": paused, "pauses": self.pauses, "resumes": self.resumes})
-        return message
+        return json_format.ParseDict({"paused": paused, "pauses": self.pauses, "resumes": self.resumes}, Struct())
 
     def figures(self) -> dict[str, Any]:
         """The counters in ``/stats``, with the latency percentiles."""
-        return {
-            "rate": self.rate,
-            "num_tasks": self.num_tasks,
-            "published": self.published,
-            "pauses": self.pauses,
-            "resumes": self.resumes,
-            "residuals": self.residuals,
-            "stale_residuals": self.stale_residuals,
-            "future_residuals": self.future_residuals,
-            **self.latencies.figures(),
-            **self.resume_delays.figures(),
-        }
+        counters = {name: getattr(self, name) for name in COUNTS}
+        return {**counters, **self.latencies.figures(), **self.resume_delays.figures()}

@@ -14,6 +14,7 @@ import propagation.startup  # noqa: F401  (first: before gRPC and farm-ng-core l
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
@@ -44,19 +45,14 @@ class Service:
         self.argv = processes.service_argv(config_path, entry)
         self.command = f"python {Path(self.argv[1]).name} {' '.join(self.argv[2:])}"  # as typed in the repo's folder
         self._out = out
-        self._serving = processes.serving_line(entry.name)
-        self.process: asyncio.subprocess.Process | None = None
-        self.ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()  # since when it serves
-        self.ended: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self.cause = ""  # its last error line
-        self._listening: asyncio.Future[None] | None = None
+        self.process: asyncio.subprocess.Process | None = None  # ready, ended and cause are its, once started
 
     async def start(self) -> asyncio.subprocess.Process:
         """Starts a process; ``ready`` is done once it serves, ``ended`` once it exited and its output is read."""
-        self.ready = asyncio.get_running_loop().create_future()
-        self.cause = ""
+        self.ready: asyncio.Future[float] = asyncio.get_running_loop().create_future()  # since when it serves
+        self.cause = ""  # its last error line
         self.process = await processes.spawn(self.argv)
-        self.ended = asyncio.ensure_future(self._run(self.process))
+        self.ended: asyncio.Future[int] = asyncio.ensure_future(self._run(self.process))
         if self.entry.log_level > logging.INFO:  # it will not print that it serves
             self._listening = asyncio.ensure_future(self._wait_listening(self.process))
         return self.process
@@ -64,32 +60,24 @@ class Service:
     async def _run(self, process: asyncio.subprocess.Process) -> int:
         """Copies every line as it comes, whatever happens to the launcher's own output."""
         assert process.stdout is not None
-        prefix = f"[{self.name}] "
+        serving = processes.serving_line(self.name)
         while raw := await process.stdout.readline():
             line = raw.decode(errors="replace").rstrip("\n")
-            self._out.write(prefix + line)
-            if self._serving.match(line):
-                self.serving()
+            self._out.write(f"[{self.name}] {line}")
+            if serving.match(line) and not self.ready.done():
+                self.ready.set_result(time.monotonic())
             elif line.startswith(("error: ", "ERROR: ")):
                 self.cause = line.split(": ", 1)[1]
         return await process.wait()
 
     async def _wait_listening(self, process: asyncio.subprocess.Process) -> None:
         """Sets ``ready`` once this very process listens on the entry's port (not another program)."""
-        while process.returncode is None:
-            try:
+        with contextlib.suppress(psutil.Error):  # it is gone
+            while process.returncode is None and not self.ready.done():
                 sockets = psutil.Process(process.pid).net_connections("inet")
-            except psutil.Error:
-                return
-            if any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.entry.port for conn in sockets):
-                self.serving()
-                return
-            await asyncio.sleep(0.1)
-
-    def serving(self) -> None:
-        """Notes that it serves, and since when."""
-        if not self.ready.done():
-            self.ready.set_result(time.monotonic())
+                if any(conn.status == psutil.CONN_LISTEN and conn.laddr.port == self.entry.port for conn in sockets):
+                    self.ready.set_result(time.monotonic())
+                await asyncio.sleep(0.1)
 
     def is_running(self) -> bool:
         """Whether its current process is still running."""
@@ -137,54 +125,40 @@ class Launcher:
     async def run(self) -> int:
         """Runs the system until a signal, the monitor's exit or the end of every service; returns the exit code."""
         try:
-            entries = self.plan()
+            entries = read_config(self._config_path)
+            for entry in entries:
+                if role_of(entry) is None:
+                    self.say(f"skipping {entry.name!r}: not a service of this example (no port or unknown role)")
+            if not (ordered := processes.start_order(entries)):
+                msg = f"{self._config_path} has no storage, supervisor or agent entry"
+                raise ConfigError(msg)
             if self._monitor_log is not None:
                 self._out = LogOutput(open(self._monitor_log, "a", encoding="utf-8"))  # noqa: SIM115
-            self._services = [Service(self._config_path, entry, self._out) for entry in entries]
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
+            self._services = [Service(self._config_path, entry, self._out) for entry in ordered]
+            stopping = asyncio.get_running_loop().create_future()  # done (cancelled) at the first signal
             # SIGHUP too: closing the terminal must not orphan the services (sessions of their own).
             for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-                loop.add_signal_handler(signum, stop.set)
-            stopping = asyncio.ensure_future(stop.wait())
+                asyncio.get_running_loop().add_signal_handler(signum, stopping.cancel)
             try:
                 code = await self.start_all(stopping)
-                if code is None:
-                    code = await self.keep_running(stopping)
             finally:
-                stopping.cancel()
                 stopped_cleanly = await self.shut_down()
             return code or (0 if stopped_cleanly and not self._deaths else 1)
         finally:
-            if self._out is not self._terminal:
-                self._out.close()
-            self._terminal.close()
+            for output in {self._out, self._terminal}:
+                output.close()
 
-    def plan(self) -> list[Entry]:
-        """The entries to start, in order; ConfigError if the config is unreadable or has nothing to start."""
-        entries = read_config(self._config_path)
-        for entry in entries:
-            if role_of(entry) is None:
-                self.say(f"skipping {entry.name!r}: not a service of this example (no port or unknown role)")
-        plan = processes.start_order(entries)
-        if not plan:
-            msg = f"{self._config_path} has no storage, supervisor or agent entry"
-            raise ConfigError(msg)
-        return plan
-
-    async def start_all(self, stopping: asyncio.Future[Any]) -> int | None:
-        """Starts each service once the one before serves; the exit code if that failed, None if all serve."""
+    async def start_all(self, stopping: asyncio.Future[Any]) -> int:
+        """Starts each service once the one before serves, then keeps them running; returns the exit code."""
         for service in self._services:
             process = await service.start()
             self.say(f"starting {service.name} (pid {process.pid}): {service.command}")
-            # Until it serves, a signal comes or any service started so far ends.
             watched = [service.ready, stopping, *(other.ended for other in self._services if other.process is not None)]
             done, _ = await asyncio.wait(
                 watched, timeout=processes.READY_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
             )
             dead = [other for other in self._services if other.process is not None and other.ended.done()]
-            for other in dead:
-                self._deaths += 1
+            for other in dead:  # not counted in _deaths: the exit code is 1 anyway
                 self.say(other.death())
             if stopping in done:
                 return 1 if dead else 0
@@ -194,7 +168,7 @@ class Launcher:
                 self.say("stopping the others")
                 return 1
         self.say(f"all {len(self._services)} services are serving; Ctrl-C stops them")
-        return None
+        return await self.keep_running(stopping)
 
     async def keep_running(self, stopping: asyncio.Future[Any]) -> int:
         """Watches the services until a signal, the monitor's exit or the end of every one."""
@@ -202,8 +176,7 @@ class Launcher:
         watched: list[asyncio.Future[Any]] = [stopping, keepers]
         if self._monitor_log is not None:  # it takes the terminal
             self.say(f"services' output goes to {self._monitor_log}; starting the monitor")
-            config = str(Path(self._config_path).resolve())
-            argv = [sys.executable, "-m", "tools.monitor", "--service-config", config]
+            argv = [sys.executable, "-m", "tools.monitor", "--service-config", str(Path(self._config_path).resolve())]
             self._monitor = await asyncio.create_subprocess_exec(*argv, cwd=processes.ROOT)
             watched.append(asyncio.ensure_future(self._monitor.wait()))
         try:
@@ -217,9 +190,7 @@ class Launcher:
                 await processes.stop([self._monitor])
                 self._terminal.write(f"[launch] every service is gone; their last lines are in {self._monitor_log}")
             return 1
-        if stopping in done:
-            return 0
-        return watched[-1].result()  # the monitor's exit code
+        return 0 if stopping in done else watched[-1].result()  # else the monitor's exit code
 
     async def keep(self, service: Service) -> None:
         """Waits for a service to end; with ``--restart`` starts it again until it fails fast too often."""

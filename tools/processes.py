@@ -26,14 +26,12 @@ STOP_TIMEOUT_S = 5.0
 
 def start_order(entries: Iterable[Entry]) -> list[Entry]:
     """The entries this example runs: storage, then the supervisors, then the agents (peers up before their callers)."""
-    ours = [(ROLES.index(role), entry) for entry in entries if (role := role_of(entry)) is not None]
-    return [entry for _, entry in sorted(ours, key=lambda pair: pair[0])]
+    return sorted((entry for entry in entries if role_of(entry)), key=lambda entry: ROLES.index(role_of(entry)))
 
 
 def service_argv(config: str | Path, entry: Entry) -> list[str]:
     """``python <role>.py --service-config CONFIG --service-name NAME``, with this Python."""
-    role = role_of(entry)
-    if role is None:
+    if (role := role_of(entry)) is None:
         msg = f"{entry.name!r} is not a service of this example"
         raise ValueError(msg)
     return [sys.executable, str(ROOT / f"{role}.py"), "--service-config", str(config), "--service-name", entry.name]
@@ -101,9 +99,7 @@ def free_ports(count: int, taken: Iterable[int] = ()) -> list[int]:
     chosen: list[int] = []
     with contextlib.ExitStack() as probes:
         for port in itertools.chain(share[start:], share[:start]):
-            if len(chosen) == count:
-                break
-            if port not in skip:
+            if len(chosen) < count and port not in skip:
                 with contextlib.suppress(OSError):  # in use
                     probes.enter_context(socket.socket()).bind(("127.0.0.1", port))
                     chosen.append(port)
