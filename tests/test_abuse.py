@@ -66,7 +66,7 @@ class Watch:
                     answered = time.monotonic()
                 except grpc.aio.AioRpcError:
                     self.longest_silence_s = max(self.longest_silence_s, time.monotonic() - answered)
-                await asyncio.sleep(0.1)
+                await asyncio.sleep(0.1)  # the sampling period: RSS and silence have no event to await
 
     def stop(self) -> None:
         self._stop.set()
