@@ -28,7 +28,13 @@ def arg(minimum: float, maximum: float, default: Any = dataclasses.MISSING, unit
 
 
 def parse_args(entry: Entry, args_type: type[ArgsT]) -> ArgsT:
-    """Turns an entry's ``"key=value"`` args into ``args_type``, a dataclass, or raises a ``ConfigError``."""
+    """Turns an entry's ``"key=value"`` args into ``args_type``, a dataclass.
+
+    Raises:
+        ConfigError: an arg is malformed, unknown, repeated, missing, of the wrong type
+            or out of range.
+
+    """
     types = typing.get_type_hints(args_type)
     fields = {field.name: field for field in dataclasses.fields(args_type)}  # type: ignore[arg-type]
     where = f"service {entry.name!r}"

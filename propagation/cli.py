@@ -47,9 +47,15 @@ def load(
     argv: Sequence[str] | None = None,
     script: str | None = None,
 ) -> ServiceSpec[ArgsT]:
-    """Parses the command line, reads the config, checks the entry and its args: a ``ConfigError`` if bad.
+    """Parses the command line, reads the config, checks the entry and its args.
 
-    The entry is checked as the role ``script`` runs (by default the running one), whatever its name.
+    The entry is checked as the role that ``script`` runs (the running script unless
+    given: ``agent.py`` runs agents), whatever its name.
+
+    Raises:
+        ConfigError: naming the file, service, arg or value at fault.
+        SystemExit: the command line itself is wrong (argparse's usage line, exit 2).
+
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--service-config", required=True, help="the EventServiceConfigList JSON file")

@@ -96,7 +96,13 @@ def script_role(script: str) -> str | None:
 
 
 def read_config(path: str) -> list[Entry]:
-    """Reads a config file, a regular file of at most ``MAX_CONFIG_BYTES``, and checks every entry."""
+    """Reads a config file: a regular file of at most ``MAX_CONFIG_BYTES``, checked.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, not a regular file, too big, not
+            JSON, or not an ``EventServiceConfigList`` this example can run.
+
+    """
     data = _read_json(path)
     where = f"config file {path}"
     check(
@@ -250,7 +256,12 @@ def _uri(where: str, what: str, uri: Any) -> None:
 
 
 def find_entry(entries: Sequence[Entry], name: str, path: str = "the config") -> Entry:
-    """Returns the entry called ``name``; a ``ConfigError`` if none has it."""
+    """Returns the entry called ``name``.
+
+    Raises:
+        ConfigError: no entry has that name.
+
+    """
     found = [entry for entry in entries if entry.name == name]
     known = ", ".join(entry.name for entry in entries) or "none"
     check(found != [], f"service {name!r} is not in {path} (it has: {known})")
@@ -258,10 +269,17 @@ def find_entry(entries: Sequence[Entry], name: str, path: str = "the config") ->
 
 
 def check_entry(entry: Entry, entries: Sequence[Entry], role: str | None = None) -> None:
-    """Checks that an entry can run as a service of ``role`` (its script's; else its own), with its peers.
+    """Checks that an entry can run as a service of ``role``, with the peers it needs.
 
-    An entry whose name says another role is refused. It must say where it listens; so must
-    a supervisor's peers: the agents of its ``/sample`` subscriptions and ``storage``.
+    ``role`` is the role of the script that runs it (``script_role``); an entry whose name
+    says another role is refused, naming the script that runs it. Without ``role``, the
+    entry's own. The entry must say where it listens; a supervisor's subscriptions must
+    be ``/sample`` of agents of the config, and the config must have a ``storage``: each
+    of those peers must say where it listens too.
+
+    Raises:
+        ConfigError: naming what is missing or wrong.
+
     """
     own = role_of(entry)
     article = "an" if own == "agent" else "a"
@@ -291,7 +309,13 @@ def check_entry(entry: Entry, entries: Sequence[Entry], role: str | None = None)
 
 
 def check_endpoint(entry: Entry) -> None:
-    """Checks that an entry says where its service listens: a host gRPC reads as one, a port in 1..65535."""
+    """Checks that an entry says where its service listens, as gRPC will read it.
+
+    Raises:
+        ConfigError: the host is empty or not one gRPC reads as host, or the port is not
+            in 1..65535.
+
+    """
     where = f"service {entry.name!r}"
     check(entry.host != "", f"{where} has no host in the config")
     check(0 < entry.port < 65536, f"{where} has port {entry.port} in the config; it needs one in 1..65535")

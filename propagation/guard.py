@@ -53,7 +53,14 @@ class PathGuard(grpc.aio.ServerInterceptor):
     """Refuses calls that the role's contract does not name, and subscriptions beyond a fair share."""
 
     def __init__(self, contract: Contract, trusted: Iterable[str] = ()) -> None:
-        """Guards a server of a role that serves ``contract``, trusting loopback and ``trusted`` (``addresses_of``)."""
+        """Guards a server of a role that serves ``contract``.
+
+        Args:
+            contract: What the role serves and publishes.
+            trusted: The addresses of the hosts of the config's services (``addresses_of``);
+                loopback is always among them.
+
+        """
         self._contract = contract
         self._trusted = LOOPBACK | frozenset(trusted)
         self._metrics = EventServiceHealthMetrics()

@@ -101,12 +101,16 @@ class _DroppingQueueHandler(logging.handlers.QueueHandler):
 
 
 def configure_logging(level: int) -> LogOutput:
-    """Sends every log line once to stdout at ``level`` (INFO if 0); returns the output, to ``close()`` at the end.
+    """Sends every log line once to stdout, through a queue, at ``level`` (INFO if 0).
 
     Importing ``farm_ng.core.event_client`` runs ``logging.basicConfig`` and each
     ``EventServiceGrpc`` adds a stderr handler of its own (``serving`` removes that one):
     left alone every line would print twice. Here the root logger alone prints (``force``
     replaces the handler ``basicConfig`` made).
+
+    Returns:
+        The output, to ``close()`` on the way out.
+
     """
     output = LogOutput(sys.stdout)
     output.handler.addFilter(repeat_filter)
@@ -176,15 +180,19 @@ def _tally(name: str, level: int) -> Tally:
 def read_back_core_log(loop: asyncio.AbstractEventLoop) -> Callable[[], None]:
     """Reads what is written to stderr (file descriptor 2) back into the log, until undone.
 
-    gRPC's C core logs to file descriptor 2 directly (how much: ``startup``), not
-    through Python's logging: ``File descriptor limit reached. Retrying.`` once a second
-    while a service is out of them. Each kind of core line (its text) goes to a ``Tally``
-    in ``loop``; a line of another form, or a fatal one, goes to the real stderr as it
-    came. Python's ``sys.stderr`` is pointed at the real stderr: its tracebacks reach the
-    terminal even if the process then dies at once.
+    gRPC's C core logs to file descriptor 2 directly (``GRPC_VERBOSITY`` sets how much:
+    ``startup`` sets errors only), not through Python's logging: a condition that
+    lasts makes it write the same line once a second. Here each kind of core line (its
+    text) goes to a ``Tally`` in ``loop``: its first occurrence at once, then a count per
+    interval. A line of another form, or a fatal one, is written to the real stderr as it
+    came. Python's ``sys.stderr`` is pointed at the real stderr first: its tracebacks and
+    warnings do not wait for this thread, and reach the terminal even if the process
+    then dies at once.
 
-    Returns what undoes it: file descriptor 2 is the real stderr again, and the reader
-    stops once it has handed on the last lines (waiting ``CLOSE_WAIT_S`` at most).
+    Returns:
+        What undoes it: file descriptor 2 is the real stderr again, and the reader stops
+        once it has handed on the last lines (waiting ``CLOSE_WAIT_S`` at most).
+
     """
     if sys.__stderr__ is None:
         # Started without a stderr: file descriptor 2 may be any file opened since.

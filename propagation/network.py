@@ -66,9 +66,15 @@ def host_problem(host: str, port: int) -> str | None:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Tries the bind that gRPC will do: gRPC says only that a bind failed, a plain socket says why.
+    """Tries the bind that gRPC will do, to name the problem in one line.
 
-    A ``ValueError`` says it: the host does not resolve, is not this machine's, or the port is in use.
+    gRPC reports a failed bind as a generic error (and a C-level log line); a plain
+    socket tells why.
+
+    Raises:
+        ValueError: the host does not resolve, is not an address of this machine, or
+            the port is in use there.
+
     """
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)

@@ -163,10 +163,17 @@ class PeerClient:
     async def request_reply(
         self, path: str, message: Message, timestamps: list[Timestamp] | None = None, decode: bool = False
     ) -> RequestReplyReply | Message:
-        """Sends a request (with extra ``timestamps``) and returns the reply (with ``decode``, its message).
+        """Sends a request and returns the reply, within the client's ``timeout`` seconds.
+
+        Args:
+            path: The request's path, e.g. ``/update_storage``.
+            message: The request's message.
+            timestamps: Extra timestamps to carry in the request's event.
+            decode: Return the reply's message, decoded as its path's reply type,
+                instead of the raw ``RequestReplyReply``.
 
         Raises:
-            PeerUnavailable: the peer is down, did not answer within ``timeout``, or replied with
+            PeerUnavailable: the peer is down, did not answer in time, or replied with
                 a message its path does not carry.
 
         """
@@ -208,7 +215,12 @@ class PeerClient:
             raise PeerUnavailable(self.config.name, sent=True) from None
 
     def decode_reply(self, path: str, reply: RequestReplyReply) -> Message:
-        """The message of a reply to ``path``, decoded as its path's reply type; ``WrongMessage`` (counted) if not."""
+        """The message of a reply to ``path``, decoded as that path's reply type.
+
+        Raises:
+            WrongMessage: the reply is not of a type ``path`` replies with (counted).
+
+        """
         try:
             return decode(reply.event, reply.payload, REPLIES.get(path, ()))
         except WrongMessage as exc:

@@ -109,8 +109,13 @@ class SampleQueue:
 def store_outcome(path: str, reply: Message, event: Event, items: int) -> tuple[int, int]:
     """How many of ``items`` storage stored, and the residual after them, from its reply to ``path``.
 
-    A residual below 0 (farm-ng's original storage counts on past its maximum) comes back as
-    it is: the caller takes it as no room. ``WrongMessage`` if the reply does not fit the call.
+    ``/update_storage`` replies the residual, stamped when it refused; ``/update_storage_batch``
+    a ``Struct``. A residual below 0 (farm-ng's original storage counts on past its maximum)
+    comes back as it is: the caller takes it as no room.
+
+    Raises:
+        WrongMessage: the reply does not fit the call.
+
     """
     if path == "/update_storage":
         return (0 if wire.find_stamp(event, wire.STORE_REFUSED) else 1), reply.value  # type: ignore[attr-defined]
@@ -121,7 +126,13 @@ def store_outcome(path: str, reply: Message, event: Event, items: int) -> tuple[
 
 
 def batch_result(result: Struct, items: int) -> tuple[int, int]:
-    """How many of ``items`` storage stored, and the residual after, from a batch reply (``WrongMessage`` if unfit)."""
+    """How many of ``items`` storage stored, and the residual after them, from its reply.
+
+    Raises:
+        WrongMessage: the reply does not hold two whole numbers that fit a batch of
+            ``items`` and an ``Int32Value`` residual.
+
+    """
     numbers = [result[key] if key in result else None for key in ("stored", "residual")]  # noqa: SIM401 (Struct has no get)
     if not all(isinstance(number, float) and number.is_integer() for number in numbers):
         msg = f"a batch reply needs whole numbers 'stored' and 'residual', not {numbers}"

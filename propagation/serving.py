@@ -72,12 +72,16 @@ NETWORK_SUBSCRIBER_QUEUE = 1
 
 
 def create_server(contract: Contract, peers: Iterable[Entry] = ()) -> grpc.aio.Server:
-    """A ``grpc.aio`` server with this example's limits, guarding the role's ``contract``.
+    """A ``grpc.aio`` server with this example's limits, guarding ``contract``.
 
-    Subscribers on the hosts of ``peers`` (``spec.entries``) have slots that strangers
-    cannot take; without them only loopback has. Must run inside the event loop: grpc.aio
-    binds the server to the running loop (made before it, it fails on Python 3.12 with
-    "attached to a different loop").
+    Must run inside the event loop: grpc.aio binds the server to the running loop (made
+    before it, it fails on Python 3.12 with "attached to a different loop").
+
+    Args:
+        contract: What the role serves and publishes.
+        peers: The config's entries (``spec.entries``): subscribers on their hosts have
+            slots that strangers cannot take. Without them only loopback has.
+
     """
     trusted = addresses_of(entry.host for entry in peers if entry.host)
     return grpc.aio.server(options=list(SERVER_OPTIONS), interceptors=[PathGuard(contract, trusted)])
@@ -88,11 +92,19 @@ async def serve(
     tasks: Sequence[Coroutine[Any, Any, Any]] = (),
     stats: Callable[[], dict[str, Any]] = dict,
 ) -> int:
-    """Serves ``service`` (on ``create_server()``'s server), the role's ``tasks`` beside it, until a signal.
+    """Serves ``service`` and runs ``tasks`` beside it until Ctrl-C, SIGTERM or SIGHUP.
 
-    ``stats()`` goes on ``/stats`` every second. Returns the exit code: 0 after Ctrl-C,
-    SIGTERM or SIGHUP, 1 if a task ended. ConfigError if the host does not resolve or
-    the port is in use.
+    Args:
+        service: The service, built on ``create_server()``'s server.
+        tasks: The role's coroutines: they run until the service stops.
+        stats: The role's figures, published on ``/stats`` every second.
+
+    Returns:
+        The exit code: 0 after a signal, 1 if a task failed.
+
+    Raises:
+        ConfigError: the host does not resolve, or the port is in use.
+
     """
     loop = asyncio.get_running_loop()
     stopping = loop.create_future()  # done (cancelled) at the first signal

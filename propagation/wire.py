@@ -99,7 +99,12 @@ def decode(event: Event, payload: bytes, expected: tuple[type[Message], ...] | t
 
 
 def check_request(path: str, message: Message) -> None:
-    """Raises ``WrongMessage`` if a request's message is off its path's range: a batch stores 1 to ``MAX_BATCH``."""
+    """Checks what a request carries against its path's range: a batch stores 1 to ``MAX_BATCH``.
+
+    Raises:
+        WrongMessage: it is off the range.
+
+    """
     if path == "/update_storage_batch" and not 1 <= message.value <= MAX_BATCH:  # type: ignore[attr-defined]
         msg = f"a batch of {message.value} is off 1..{MAX_BATCH}"  # type: ignore[attr-defined]
         raise WrongMessage(msg)

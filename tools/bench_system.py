@@ -157,9 +157,13 @@ class System:
         self.services: dict[str, Service] = {}
 
     async def start(self) -> None:
-        """Starts every service at once (any order works) and waits until all serve, or BenchError.
+        """Starts every service at once (any order works) and waits until all serve.
 
         Those started are in ``services`` even if this fails or is cancelled: ``stop`` stops them.
+
+        Raises:
+            BenchError: a service exited, or published nothing within ``READY_TIMEOUT_S``.
+
         """
         self.path.write_text(json.dumps({"configs": self.entries}, indent=2))
         for entry in read_config(str(self.path)):
